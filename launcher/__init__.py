@@ -1,0 +1,1 @@
+"""Compose -> validate -> plan -> submit. Never imports torch."""

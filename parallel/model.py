@@ -1,0 +1,194 @@
+"""Build a Megatron GPTModel (this rank's pipeline stage) from a ModelConfig.
+
+Model definition is megatron's; this module chooses layers (the local spec), fills the
+TransformerConfig from our schema, and initialises weights so that the same seed gives the
+same full model at every TP/PP layout (each tensor is drawn whole from a generator seeded
+by its global checkpoint key, then this rank takes its shard).
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from parallel.config import ModelConfig, ParallelConfig
+from parallel.groups import Topology
+
+
+def padded_vocab_size(vocab_size: int, model: ModelConfig, parallel: ParallelConfig) -> int:
+    """Megatron's rule: pad so each TP rank holds an equal, aligned slice of the vocab."""
+    multiple = model.make_vocab_size_divisible_by * parallel.tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def ffn_size(model: ModelConfig) -> int:
+    if model.ffn_hidden_size:
+        return model.ffn_hidden_size
+    if model.activation == "swiglu":
+        # LLaMA's 2/3 * 4h keeps SwiGLU's parameter count equal to a 4h GELU MLP.
+        return ((int(8 * model.hidden_size / 3) + 63) // 64) * 64
+    return 4 * model.hidden_size
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    on_gpu = torch.cuda.is_available()
+    bf16 = parallel.precision == "bf16"
+    if bf16 and not on_gpu:
+        raise ValueError("parallel.precision=bf16: needs a CUDA device; use fp32 on CPU")
+    recompute: dict[str, Any] = {}
+    if parallel.recompute == "selective":
+        recompute = {"recompute_granularity": "selective"}
+    elif parallel.recompute == "full":
+        recompute = {"recompute_granularity": "full", "recompute_method": "uniform",
+                     "recompute_num_layers": parallel.recompute_num_layers}
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=ffn_size(model),
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        layernorm_epsilon=model.layernorm_epsilon,
+        normalization=model.normalization,
+        add_bias_linear=model.add_bias,
+        gated_linear_unit=model.activation == "swiglu",
+        activation_func=F.silu if model.activation == "swiglu" else F.gelu,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        # Weights are drawn by `init_weights` below; megatron's own init would be thrown away.
+        perform_initialization=False,
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels exist only on CUDA (and some only with apex/TE).
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=on_gpu and model.activation == "gelu" and model.add_bias,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        # Token-weighted losses: the schedule sums per-token losses and the grads are divided
+        # by the token count of the whole global batch (exact for masked SFT losses too).
+        calculate_per_token_loss=True,
+        # p2p on gloo is synchronous; batching it would call torch.cuda.synchronize().
+        batch_p2p_comm=False,
+        batch_p2p_sync=False,
+        **recompute,
+    )
+
+
+class ScalarHead(torch.nn.Module):
+    """One value per token from the final hidden state (reward model, critic). Replicated on
+    every TP rank: it is tiny, and the value must not be split across the vocab dimension."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.sequence_parallel = False
+
+    def forward(self, hidden: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None) -> tuple[torch.Tensor, None]:
+        return F.linear(hidden, self.weight, self.bias), None
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, topo: Topology,
+                vocab_size: int, seed: int) -> GPTModel:
+    """This rank's stage of the GPT. `vocab_size` is the tokenizer's (padded here)."""
+    config = transformer_config(model, parallel)
+    spec = get_gpt_layer_local_spec(normalization=model.normalization)
+    scalar = model.head == "scalar"
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(vocab_size, model, parallel),
+        max_sequence_length=model.seq_length,
+        pre_process=topo.is_first_stage,
+        post_process=topo.is_last_stage,
+        share_embeddings_and_output_weights=model.tie_embeddings and not scalar,
+        position_embedding_type="rope" if model.position_embedding == "rope" else "learned_absolute",
+        rotary_base=model.rotary_base,
+    )
+    if scalar and topo.is_last_stage:
+        gpt.output_layer = ScalarHead(model.hidden_size, config.params_dtype)
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    _mark_tensor_parallel(gpt)
+    init_weights(gpt, model, seed)
+    return gpt
+
+
+def _mark_tensor_parallel(gpt: GPTModel) -> None:
+    """With perform_initialization=False megatron's parallel layers skip
+    `set_tensor_model_parallel_attributes` on their weights, and then every TP rank counts
+    its shard as a duplicate in the grad norm (wrong clipping). Restore the attributes."""
+    for module in gpt.modules():
+        if isinstance(module, (tensor_parallel.ColumnParallelLinear, tensor_parallel.VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, tensor_parallel.RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not getattr(weight, "tensor_model_parallel", False):
+            tensor_parallel.set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
+def _init_full(key: str, shape: tuple[int, ...], model: ModelConfig, seed: int) -> torch.Tensor:
+    name = key.rsplit(".", 1)[-1]
+    if "norm" in key and name in ("weight", "layer_norm_weight"):
+        return torch.ones(shape)
+    if name.endswith("bias") or "output_layer" in key and model.head == "scalar":
+        # A zero scalar head starts every reward/value at 0 (its bias too).
+        return torch.zeros(shape)
+    std = model.init_std
+    if key.endswith("linear_proj.weight") or key.endswith("linear_fc2.weight"):
+        # GPT-2's scaled init of the residual projections.
+        std = std / (2.0 * model.num_layers) ** 0.5
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+    return torch.randn(shape, generator=gen) * std
+
+
+@torch.no_grad()
+def init_weights(gpt: GPTModel, model: ModelConfig, seed: int) -> None:
+    """Draw every parameter whole from a generator keyed by (seed, checkpoint key), then keep
+    this rank's shard: identical full weights at every layout. Costs one full-size tensor at
+    a time on the host, which is acceptable at start-up."""
+    for sharded in _sharded_tensors(gpt.sharded_state_dict()):
+        full = _init_full(sharded.key, tuple(sharded.global_shape), model, seed)
+        local = full
+        prepend = sharded.prepend_axis_num
+        for axis, offset in enumerate(sharded.global_offset):
+            if axis < prepend:  # stacked-layer axes: index, which drops the axis
+                local = local[offset]
+            else:
+                size = sharded.local_shape[axis - prepend]
+                local = local.narrow(axis - prepend, offset, size)
+        sharded.data.copy_(local.reshape(sharded.data.shape).to(sharded.data.dtype))
+
+
+def _sharded_tensors(tree: Any) -> list[ShardedTensor]:
+    found: list[ShardedTensor] = []
+    if isinstance(tree, ShardedTensor):
+        if tree.flattened_range is None:
+            found.append(tree)
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            found.extend(_sharded_tensors(value))
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            found.extend(_sharded_tensors(value))
+    return found

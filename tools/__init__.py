@@ -1,0 +1,1 @@
+"""Tokenizer training, data preprocessing, benchmarks."""

@@ -1,0 +1,1 @@
+"""The one training loop, the stages, losses and data. `python -m trainer <config.yaml>`."""

@@ -1,0 +1,1 @@
+"""Stages: each differs only in data, step_fn, loss and the engines it holds."""
