@@ -1,0 +1,75 @@
+"""What every stage offers the one training loop."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from parallel.engine import Engine, StepResult
+from trainer.runtime import RunContext
+
+
+class Stage(ABC):
+    """A stage holds its engines and data; the loop only asks it for steps and evals."""
+
+    name: str = "stage"
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+
+    @property
+    @abstractmethod
+    def tokens_per_step(self) -> int:
+        """Tokens processed by one optimizer step over the whole global batch."""
+
+    @abstractmethod
+    def train_step(self, step: int) -> StepResult:
+        """Run optimizer step `step` (0-based)."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics, keys prefixed with `eval_`; empty if the stage has none."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides model/optimizer weights that an exact resume needs."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class SupervisedStage(Stage):
+    """One trainable engine fed by a SampleLoader-like loader, with a step function. Pretrain,
+    SFT, reward model and DPO differ only in the data, `step_fn` and the engines they hold."""
+
+    engine: Engine
+
+    @abstractmethod
+    def step_fn(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
+        """Megatron forward_step_func: returns (output, loss_fn)."""
+
+    @abstractmethod
+    def eval_batches(self) -> list[list[dict[str, torch.Tensor]]]:
+        """The fixed held-out batches (the same at every evaluation)."""
+
+    def next_microbatches(self) -> list[dict[str, torch.Tensor]]:
+        return self.loader.next_batch()
+
+    def train_step(self, step: int) -> StepResult:
+        return self.engine.train_step(self.next_microbatches(), self.step_fn)
+
+    def evaluate(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        batches = self.eval_batches()
+        for microbatches in batches:
+            for key, value in self.engine.eval_step(microbatches, self.step_fn).items():
+                totals[key] = totals.get(key, 0.0) + value / len(batches)
+        return {f"eval_{key}": value for key, value in totals.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])

@@ -1,0 +1,61 @@
+"""Pretraining: next-token loss on packed token windows."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from parallel.engine import Engine
+from trainer.batches import lm_inputs
+from trainer.data.gpt_dataset import SampleLoader, SequenceDataset
+from trainer.data.indexed import IndexedTokens
+from trainer.data.prepare import PreparedData, load_prepared, prepare_pretrain_data
+from trainer.losses import masked_token_loss
+from trainer.runtime import RunContext
+from trainer.stages.base import SupervisedStage
+
+
+def prepared_text(ctx: RunContext) -> PreparedData:
+    """Rank 0 generates/tokenizes the corpus (idempotent on rerun); the others wait."""
+    if ctx.is_main:
+        prepared = prepare_pretrain_data(ctx.cfg, ctx.run_dir)
+    ctx.barrier()
+    if not ctx.is_main:
+        prepared = load_prepared(ctx.cfg, ctx.run_dir)
+    return prepared
+
+
+class PretrainStage(SupervisedStage):
+    name = "pretrain"
+
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        cfg, topo = ctx.cfg, ctx.topo
+        self.data = prepared_text(ctx)
+        tokens = IndexedTokens(self.data.prefix)
+        seq = int(cfg.model.seq_length)
+        self.train_set = SequenceDataset(tokens, self.data.train_docs, seq, seed=int(cfg.seed))
+        self.eval_set = SequenceDataset(tokens, self.data.eval_docs, seq, seed=int(cfg.seed) + 1)
+        self.loader = SampleLoader(self.train_set, cfg.train.global_batch, cfg.train.micro_batch,
+                                   topo.dp_rank, topo.dp)
+        self.engine = Engine(cfg.model, cfg.parallel, topo, vocab_size=self.data.vocab_size,
+                             seed=int(cfg.seed), optim=cfg.optim, total_steps=int(cfg.train.steps))
+        self._eval_cache: list[list[dict[str, torch.Tensor]]] | None = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return int(self.cfg.train.global_batch) * int(self.cfg.model.seq_length)
+
+    def step_fn(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
+        inputs = lm_inputs(batch["tokens"], self.ctx.device)
+        per_token = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"],
+                          labels=inputs["labels"])
+        return per_token, lambda output: masked_token_loss(output, batch.get("loss_mask"))
+
+    def eval_batches(self) -> list[list[dict[str, torch.Tensor]]]:
+        if self._eval_cache is None:
+            # A fresh loader from position 0: every evaluation sees the same samples.
+            loader = SampleLoader(self.eval_set, self.cfg.train.global_batch,
+                                  self.cfg.train.micro_batch, self.ctx.topo.dp_rank, self.ctx.topo.dp)
+            self._eval_cache = [loader.next_batch() for _ in range(int(self.cfg.train.eval_batches))]
+        return self._eval_cache
