@@ -10,5 +10,6 @@ import warnings as _warnings
 # Megatron warns at import, on every rank, that it falls back from apex/Transformer Engine
 # to plain torch. Those fallbacks are how chatforge runs on CPU, so the warnings are noise.
 for _pattern in (".*Transformer Engine and Apex are not installed.*",
-                 ".*Apex is not installed.*", ".*full scope is deprecated.*"):
+                 ".*Apex is not installed.*", ".*full scope is deprecated.*",
+                 ".*CUDA_DEVICE_MAX_CONNECTIONS.*"):
     _warnings.filterwarnings("ignore", message=_pattern)

@@ -69,28 +69,46 @@ class OptimConfig:
     decay_steps: Optional[int] = None
 
 
-def layout_problems(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> list[tuple[str, object, str]]:
-    """Every way the TP x PP layout does not fit the world or the model, as
-    (config key, bad value, what is wrong). Shared by the launcher (before submission) and
-    parallel.groups (at start-up, for jobs started without the launcher)."""
-    problems: list[tuple[str, object, str]] = []
-    for key, value in (("parallel.tp", parallel.tp), ("parallel.pp", parallel.pp)):
-        if value < 1:
-            problems.append((key, value, "must be >= 1"))
-    if problems:
-        return problems
-    if world_size % (parallel.tp * parallel.pp) != 0:
-        problems.append(("parallel.tp", parallel.tp,
-                         f"tp x pp = {parallel.tp * parallel.pp} does not divide the world size "
-                         f"{world_size} (cluster.nodes x cluster.procs_per_node)"))
-    if model.num_attention_heads % parallel.tp != 0:
-        problems.append(("parallel.tp", parallel.tp,
-                         f"does not divide model.num_attention_heads={model.num_attention_heads}"))
-    groups = model.num_query_groups
-    if groups is not None and groups % parallel.tp != 0:
-        problems.append(("parallel.tp", parallel.tp,
-                         f"does not divide model.num_query_groups={groups}"))
-    if model.num_layers % parallel.pp != 0:
-        problems.append(("parallel.pp", parallel.pp,
-                         f"does not divide model.num_layers={model.num_layers}"))
+Problem = tuple[str, object, str]  # (config key, bad value, what is wrong)
+
+
+def model_split_problems(model: ModelConfig, tp: int, pp: int) -> list[Problem]:
+    """Megatron's rules for splitting this model over TP ranks and PP stages. The one home
+    of these rules: the launcher checks them before submission, parallel.groups at start-up
+    (for jobs started without the launcher)."""
+    problems: list[Problem] = []
+    heads, groups = model.num_attention_heads, model.num_query_groups
+    if heads % tp:
+        problems.append(("parallel.tp", tp, f"must divide model.num_attention_heads={heads}"))
+    if model.hidden_size % heads:
+        problems.append(("model.hidden_size", model.hidden_size,
+                         f"must be a multiple of model.num_attention_heads={heads}"))
+    if groups is not None and heads % groups:
+        problems.append(("model.num_query_groups", groups,
+                         f"must divide model.num_attention_heads={heads}"))
+    if groups is not None and groups % tp:
+        problems.append(("model.num_query_groups", groups, f"must be a multiple of parallel.tp={tp}"))
+    ffn = model.ffn_hidden_size
+    if ffn is not None and ffn % tp:
+        problems.append(("model.ffn_hidden_size", ffn, f"must be a multiple of parallel.tp={tp}"))
+    if model.make_vocab_size_divisible_by % tp:
+        # The padded vocabulary is split evenly over TP ranks (see parallel.model).
+        problems.append(("model.make_vocab_size_divisible_by", model.make_vocab_size_divisible_by,
+                         f"must be a multiple of parallel.tp={tp}"))
+    if model.num_layers % pp:
+        problems.append(("model.num_layers", model.num_layers,
+                         f"must be a multiple of parallel.pp={pp}"))
     return problems
+
+
+def layout_problems(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> list[Problem]:
+    """The world must split into TP x PP x DP, and the model over TP and PP."""
+    tp, pp = parallel.tp, parallel.pp
+    for key, value in (("parallel.tp", tp), ("parallel.pp", pp)):
+        if value < 1:
+            return [(key, value, "must be >= 1")]
+    if world_size % (tp * pp):
+        return [("parallel.pp" if world_size % tp == 0 else "parallel.tp",
+                 pp if world_size % tp == 0 else tp,
+                 f"tp*pp = {tp}*{pp} must divide the world size {world_size}")]
+    return model_split_problems(model, tp, pp)

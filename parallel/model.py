@@ -23,9 +23,18 @@ from parallel.groups import Topology
 
 
 def padded_vocab_size(vocab_size: int, model: ModelConfig, parallel: ParallelConfig) -> int:
-    """Megatron's rule: pad so each TP rank holds an equal, aligned slice of the vocab."""
-    multiple = model.make_vocab_size_divisible_by * parallel.tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+    """Pad the vocabulary to a multiple of `model.make_vocab_size_divisible_by`.
+
+    Unlike Megatron-LM we do not multiply the multiple by TP: the padded size (and so the
+    embedding's shape and every logit) stays the same at every layout, which is what lets a
+    checkpoint load at another TP and a TP2 run match TP1. TP must divide the padded size."""
+    multiple = model.make_vocab_size_divisible_by
+    padded = ((vocab_size + multiple - 1) // multiple) * multiple
+    if padded % parallel.tp != 0:
+        raise ValueError(
+            f"parallel.tp={parallel.tp}: does not divide the padded vocabulary {padded} "
+            f"(model.make_vocab_size_divisible_by={multiple}); use a multiple of the TP size")
+    return padded
 
 
 def ffn_size(model: ModelConfig) -> int:

@@ -25,6 +25,16 @@ def prepared_text(ctx: RunContext) -> PreparedData:
     return prepared
 
 
+def lm_forward(batch: dict[str, torch.Tensor], model: torch.nn.Module, device: torch.device) -> Any:
+    """Megatron forward_step for next-token loss; also used by SFT (with a loss mask)."""
+    inputs = lm_inputs(batch["tokens"], device)
+    per_token = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"],
+                      labels=inputs["labels"])
+    mask = batch.get("loss_mask")
+    mask = None if mask is None else mask.to(device)
+    return per_token, lambda output: masked_token_loss(output, mask)
+
+
 class PretrainStage(SupervisedStage):
     name = "pretrain"
 
@@ -47,10 +57,7 @@ class PretrainStage(SupervisedStage):
         return int(self.cfg.train.global_batch) * int(self.cfg.model.seq_length)
 
     def step_fn(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
-        inputs = lm_inputs(batch["tokens"], self.ctx.device)
-        per_token = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"],
-                          labels=inputs["labels"])
-        return per_token, lambda output: masked_token_loss(output, batch.get("loss_mask"))
+        return lm_forward(batch, model, self.ctx.device)
 
     def eval_batches(self) -> list[list[dict[str, torch.Tensor]]]:
         if self._eval_cache is None:

@@ -1,0 +1,264 @@
+"""`chatforge`: compose -> validate -> write the resolved config -> run the ranks.
+
+Hydra's own `main` runs the jobs (so `-m` sweeps, `--cfg job`, `--help` and tab completion
+work as Hydra users expect), but only after a preflight that composes and validates EVERY
+sweep point with Hydra's compose API: a bad option or value then stops the command before
+any run directory or process exists, with one line per error on stderr and exit code 2.
+
+Subcommands: `chatforge [run] <overrides>` runs the job; `chatforge plan <overrides>`
+validates every point and prints its layout without starting anything.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from launcher.local import run_local
+from launcher.schema import CONF_DIR, register_schema
+from launcher.validate import find_errors
+
+CONFIG_NAME = "config"
+USAGE_ERROR = 2
+
+
+@dataclass
+class Point:
+    """One job of the command: a run, or one point of a -m sweep."""
+
+    overrides: list[str]
+    cfg: DictConfig
+    run_dir: Path
+
+
+# Hydra message lines that locate the problem for developers, not for users.
+_NOISE = re.compile(
+    r"^\s*(full_key:|reference_type=|object_type=|Config search path|provider=|See https)")
+
+
+def error_line(exc: Exception, overrides: list[str]) -> str:
+    """One `<key>=<value>: <what is wrong>` line for a Hydra composition error."""
+    from hydra.errors import MissingConfigException
+
+    missing = getattr(exc, "missing_cfg_file", None)
+    if isinstance(exc, MissingConfigException) and missing and "/" in missing:
+        group, option = missing.rsplit("/", 1)
+        available = ", ".join(exc.options or []) or "none"
+        return f"{group}={option}: no such option in group '{group}' (available: {available})"
+    lines: list[str] = []
+    cause: Optional[BaseException] = exc
+    while cause is not None:
+        lines += [line.strip().rstrip(".") for line in str(cause).splitlines()
+                  if line.strip() and not _NOISE.match(line)]
+        cause = cause.__cause__
+    message = "; ".join(dict.fromkeys(lines)) or type(exc).__name__
+    pairs = [o.lstrip("~+").partition("=") for o in overrides]
+    for key, _, value in sorted(pairs, key=lambda pair: -len(pair[0])):
+        if key and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message):
+            return f"{key}={value}: {message}"
+    return message
+
+
+def _sweep(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of every job, expanded the way Hydra's basic sweeper does."""
+    if not multirun:
+        return [list(overrides)]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
+
+
+def _primary_dir(config_path: Optional[str]) -> str:
+    """Hydra's --config-path rule: absolute, or relative to the file that calls hydra.main."""
+    if config_path is None:
+        return str(CONF_DIR)
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), config_path))
+
+
+def _compose_points(jobs: list[list[str]], multirun: bool, config_name: str,
+                    primary: str) -> tuple[list[Point], list[tuple[str, int]]]:
+    from hydra import compose, initialize_config_dir
+
+    points, errors = [], []
+    with initialize_config_dir(config_dir=primary, version_base="1.3", job_name="chatforge"):
+        for index, job in enumerate(jobs):
+            try:
+                cfg = compose(config_name=config_name, overrides=job)
+            except Exception as exc:  # any composition failure is a usage error here
+                errors.append((error_line(exc, job), index))
+                continue
+            run_dir = Path(cfg.run.dir).absolute()
+            # Mirrors hydra.sweep.dir=${run.dir}, hydra.sweep.subdir=${hydra.job.num}.
+            cfg.run.dir = str(run_dir / str(index) if multirun else run_dir)
+            points.append(Point(job, cfg, Path(cfg.run.dir)))
+            errors += [(str(error), index) for error in find_errors(cfg)]
+    return points, errors
+
+
+def preflight(overrides: list[str], multirun: bool, config_name: str = "config",
+              config_dir: Optional[str] = None, config_path: Optional[str] = None
+              ) -> tuple[list[Point], list[str]]:
+    """Compose and validate every job of the command before anything starts.
+
+    Returns the points and the error lines; an error found in only some points of a sweep
+    names them. Nothing is created on disk."""
+    register_schema()
+    jobs_overrides = list(overrides)
+    if config_dir is not None:
+        if not os.path.isdir(config_dir):
+            return [], [f"--config-dir={config_dir}: no such directory"]
+        jobs_overrides.append(f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]")
+    try:
+        jobs = _sweep(jobs_overrides, multirun)
+        points, errors = _compose_points(jobs, multirun, config_name, _primary_dir(config_path))
+    except Exception as exc:  # a parse error in the overrides, a missing primary config
+        return [], [error_line(exc, jobs_overrides)]
+    where: dict[str, list[int]] = {}
+    for line, index in errors:
+        where.setdefault(line, []).append(index)
+    lines = []
+    for line, indices in where.items():
+        if multirun and len(indices) < len(jobs):
+            line += f" (sweep points {', '.join(map(str, indices))})"
+        lines.append(line)
+    return points, lines
+
+
+def _fail(lines: list[str]) -> int:
+    for line in lines:
+        print(f"chatforge: error: {line}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _absolute(paths: str) -> str:
+    """Absolute form of a (comma-separated) path value: ranks may start elsewhere (srun)."""
+    if not paths:
+        return paths
+    return ",".join(str(Path(p.strip()).expanduser().absolute()) for p in paths.split(","))
+
+
+def write_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """Write `cfg`, resolved and with absolute paths, to <run_dir>/config.yaml atomically
+    (a rank or a resumed run never reads half a file)."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.run.dir = str(run_dir.absolute())
+        cfg.data.path = _absolute(cfg.data.path)
+        cfg.tokenizer.path = _absolute(cfg.tokenizer.path)
+        cfg.ckpt.load = _absolute(cfg.ckpt.load)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+    return path
+
+
+def world_size(cfg: DictConfig) -> int:
+    return int(cfg.cluster.nodes) * int(cfg.cluster.procs_per_node)
+
+
+def _run_on_local(cfg: DictConfig, config_path: Path) -> int:
+    return run_local(
+        [sys.executable, "-m", "trainer", str(config_path)],
+        world_size=world_size(cfg),
+        run_dir=Path(cfg.run.dir),
+        env_extra={},
+        threads=int(cfg.cluster.threads_per_proc),
+    )
+
+
+# cluster.name -> how a job with a written config is run; SLURM adds its entry here.
+BACKENDS: dict[str, Callable[[DictConfig, Path], int]] = {"local": _run_on_local}
+
+
+def run_job(cfg: DictConfig) -> None:
+    """Hydra task function: one run (or one sweep point) in its own run directory.
+
+    Hydra has already created the output dir, hydra.run.dir (= run.dir) or, in a sweep,
+    hydra.sweep.dir/hydra.sweep.subdir (= <run.dir>/<job num>); it becomes this job's run.dir.
+    Exits with the job's code on failure, which also stops a sweep (Hydra's behaviour for a
+    failing job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = copy.deepcopy(cfg)
+    cfg.run.dir = str(Path(HydraConfig.get().runtime.output_dir).absolute())
+    errors = find_errors(cfg)  # again: the preflight saw the same config, but cheap insurance
+    if errors:
+        sys.exit(_fail([str(error) for error in errors]))
+    config_path = write_resolved_config(cfg, Path(cfg.run.dir))
+    code = BACKENDS[cfg.cluster.name](cfg, config_path)
+    if code:
+        sys.exit(code)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    from hydra._internal.utils import get_args_parser  # the exact parser hydra.main uses
+
+    return get_args_parser().parse_args(argv)
+
+
+def _runs_jobs(args: argparse.Namespace) -> bool:
+    """False for Hydra's informational flags (--help, --cfg, --info ...): nothing runs."""
+    return not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
+                or args.experimental_rerun)
+
+
+def _points(args: argparse.Namespace) -> tuple[list[Point], list[str]]:
+    return preflight(args.overrides, multirun=args.multirun,
+                     config_name=args.config_name or CONFIG_NAME,
+                     config_dir=args.config_dir, config_path=args.config_path)
+
+
+def run_command(argv: list[str]) -> int:
+    """Default command: preflight every point, then let Hydra run them."""
+    import hydra
+
+    args = _parse(argv)
+    register_schema()  # also needed by --help/--cfg, which skip the preflight
+    if _runs_jobs(args):
+        _, errors = _points(args)
+        if errors:
+            return _fail(errors)
+    sys.argv = [sys.argv[0], *argv]  # hydra.main parses sys.argv itself
+    hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")(run_job)()
+    return 0
+
+
+def plan_command(argv: list[str]) -> int:
+    """Validate every point and print its layout; starts nothing, writes nothing.
+    (A later issue adds memory estimates and the SLURM script to this output.)"""
+    args = _parse(argv)
+    points, errors = _points(args)
+    if errors:
+        return _fail(errors)
+    for index, point in enumerate(points):
+        cfg = point.cfg
+        world = world_size(cfg)
+        dp = world // (cfg.parallel.tp * cfg.parallel.pp)
+        print(f"point {index}: run.dir={point.run_dir} stage={cfg.stage.name} "
+              f"model={cfg.model.name} cluster={cfg.cluster.name} world={world} "
+              f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={dp} "
+              f"overrides=[{' '.join(point.overrides)}]")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"run": run_command, "plan": plan_command}
+
+
+def main() -> None:
+    """Console script `chatforge`: an optional subcommand, then Hydra's command line."""
+    argv = sys.argv[1:]
+    name = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    sys.exit(COMMANDS[name](argv))
+
+

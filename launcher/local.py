@@ -1,0 +1,243 @@
+"""Run one job as local processes, one per rank, with torchrun's environment contract.
+
+Pure subprocess on purpose: the launcher never imports torch. Each rank runs in its own
+session (process group) so that Ctrl-C in the terminal reaches only the launcher, which then
+decides how to stop every rank, grandchildren included (data loader workers share the
+rank's group). On Linux the ranks also die with the launcher (PR_SET_PDEATHSIG) so a killed
+launcher never leaves ranks blocked in a collective forever.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Callable, Optional
+
+GRACE_S = 5.0  # between the polite signal and SIGKILL
+TAIL_LINES = 30  # of the failing rank's log, printed on failure
+POLL_S = 0.05
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the usual race is acceptable on one machine)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rank_env(rank: int, world_size: int, port: int, threads: int,
+             env_extra: dict[str, str]) -> dict[str, str]:
+    """The environment of one rank: ours, the caller's extras, then the rendezvous vars."""
+    env = dict(os.environ)
+    env.update({key: str(value) for key, value in env_extra.items()})
+    env.update({
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "GROUP_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": str(threads),
+        # Unbuffered so that the log tail printed on a failure holds the last words.
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def _child_setup() -> Callable[[], None]:
+    """A preexec_fn run in each rank between fork and exec."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork, not after
+        except (OSError, AttributeError):
+            prctl = None
+    pr_set_pdeathsig = 1
+
+    def setup() -> None:
+        # A launcher started in the background (nohup, `&` in a script) runs with SIGINT
+        # ignored and its children inherit that: the SIGINT we forward would do nothing.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if prctl is not None:
+            prctl(pr_set_pdeathsig, int(signal.SIGTERM))  # the kernel stops us with the launcher
+
+    return setup
+
+
+def _write(stream: IO[str], data: bytes) -> None:
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        buffer.write(data)
+    else:  # a text-only stream (some test harnesses replace sys.stdout)
+        stream.write(data.decode(errors="replace"))
+    stream.flush()
+
+
+def _tee(pipe: IO[bytes], console: IO[str], log: IO[bytes], lock: threading.Lock) -> None:
+    """Copy a pipe to the console and the log as bytes arrive (progress lines included)."""
+    read = getattr(pipe, "read1", pipe.read)
+    while chunk := read(65536):
+        with lock:
+            log.write(chunk)
+            log.flush()
+            _write(console, chunk)
+    pipe.close()
+
+
+def _exit_code(returncode: int) -> int:
+    """Shell convention: a child killed by signal N exits 128 + N."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def _signal_rank(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone (a zombie's group cannot be signalled on some kernels)
+
+
+def _stop(procs: list[subprocess.Popen], sig: int, grace_s: float,
+          hurry: Callable[[], bool]) -> None:
+    """Send `sig` to every live rank, then SIGKILL whatever is left after `grace_s`."""
+    for proc in procs:
+        if proc.poll() is None:
+            _signal_rank(proc, sig)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and not hurry():
+        if all(proc.poll() is not None for proc in procs):
+            break
+        time.sleep(POLL_S)
+    for proc in procs:
+        # The whole group: a rank that exited may still have orphaned workers in it.
+        _signal_rank(proc, signal.SIGKILL)
+        proc.wait()
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    """The last `lines` lines of a log file, read from its end."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _start_ranks(cmd: list[str], world_size: int, log_dir: Path, env_extra: dict[str, str],
+                 threads: int) -> tuple[list[subprocess.Popen], list[IO[bytes]]]:
+    """Every rank started before any tee thread exists (fork + preexec_fn with threads
+    around is what Python's docs warn about)."""
+    port = free_port()
+    preexec = _child_setup()
+    procs: list[subprocess.Popen] = []
+    logs: list[IO[bytes]] = []
+    try:
+        for rank in range(world_size):
+            logs.append(open(log_dir / f"rank_{rank}.log", "ab"))
+            # Appended, not truncated: a resumed run keeps the logs of its earlier attempts.
+            logs[-1].write(f"=== chatforge: rank {rank} of {world_size} started "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
+            logs[-1].flush()
+            procs.append(subprocess.Popen(
+                cmd, env=rank_env(rank, world_size, port, threads, env_extra),
+                stdout=subprocess.PIPE if rank == 0 else logs[-1],
+                stderr=subprocess.PIPE if rank == 0 else subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec,
+            ))
+    except BaseException:
+        _stop(procs, signal.SIGKILL, 0.0, lambda: True)
+        for log in logs:
+            log.close()
+        raise
+    return procs, logs
+
+
+def _first_failure(procs: list[subprocess.Popen], interrupted: Callable[[], bool]
+                   ) -> Optional[int]:
+    """Block until every rank succeeded (None), a rank failed (its rank) or a signal came
+    (-1). Among ranks found failed in the same poll the lowest rank is named."""
+    while not interrupted():
+        codes = [proc.poll() for proc in procs]
+        failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            return failed[0]
+        if all(code == 0 for code in codes):
+            return None
+        time.sleep(POLL_S)
+    return -1
+
+
+def run_local(cmd: list[str], world_size: int, run_dir: Path, env_extra: dict[str, str],
+              threads: int, grace_s: float = GRACE_S) -> int:
+    """Run `cmd` as `world_size` ranks on this machine; return the job's exit code.
+
+    Rank 0 writes to the console and <run_dir>/logs/rank_0.log, rank N to rank_N.log. When
+    a rank fails the others get SIGTERM (SIGKILL after `grace_s`), the failing rank's log
+    tail is printed and its exit code returned. SIGINT/SIGTERM to the launcher are
+    forwarded to every rank; a second one kills them at once.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size}: must be >= 1")
+    log_dir = Path(run_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs, logs = _start_ranks(cmd, world_size, log_dir, env_extra, threads)
+    received: list[int] = []
+    restore = _install_handlers(received)
+    lock = threading.Lock()
+    tees = [threading.Thread(target=_tee, args=(pipe, console, logs[0], lock), daemon=True)
+            for pipe, console in ((procs[0].stdout, sys.stdout), (procs[0].stderr, sys.stderr))]
+    for tee in tees:
+        tee.start()
+    failed: Optional[int] = -2  # stays -2 only if the launcher itself raised
+    try:
+        failed = _first_failure(procs, lambda: bool(received))
+    finally:
+        # Also on an unexpected error in the launcher itself: never leave ranks behind.
+        polite = received[0] if received else signal.SIGTERM
+        patience = 1 if failed == -1 else 0  # signals tolerated before skipping the grace
+        _stop(procs, polite, grace_s, lambda: len(received) > patience)
+        for tee in tees:
+            tee.join(timeout=5.0)
+        for log in logs:
+            log.close()
+        restore()
+    if failed is None:
+        return 0
+    if failed == -1:
+        print(f"chatforge: stopped by {signal.Signals(received[0]).name}", file=sys.stderr)
+        return 128 + received[0]
+    code = _exit_code(procs[failed].returncode)
+    path = log_dir / f"rank_{failed}.log"
+    print(f"chatforge: rank {failed} failed with exit code {code}; last lines of {path}:\n"
+          f"{log_tail(path)}", file=sys.stderr)
+    return code
+
+
+def _install_handlers(received: list[int]) -> Callable[[], None]:
+    """Record SIGINT/SIGTERM instead of dying so that the ranks can be stopped in order;
+    returns the function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal handlers can only be set from the main thread
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    for sig in previous:
+        signal.signal(sig, record)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore

@@ -1,0 +1,205 @@
+"""Check a composed config before any process starts.
+
+Every error names the dotted config key and its bad value, so a user can fix the command
+line without reading a traceback. `find_errors` collects every problem (the CLI prints one
+line per error); `validate` raises the first. Checks that need a valid value (a division by
+`parallel.tp`, say) are skipped while that value is itself reported as bad, so one mistake
+gives one message.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from parallel.config import model_split_problems
+
+# The one place that lists the allowed values of every enumerated string field (the
+# dataclass comments mirror it; OmegaConf cannot type-check Literal annotations).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.position_embedding": ("learned", "rope"),
+    "model.normalization": ("LayerNorm", "RMSNorm"),
+    "model.activation": ("gelu", "swiglu"),
+    "model.head": ("lm", "scalar"),
+    "parallel.precision": ("fp32", "bf16"),
+    "parallel.recompute": ("none", "selective", "full"),
+    "optim.name": ("adam", "adamw"),
+    "optim.decay": ("cosine", "linear", "constant"),
+    "logger": ("wandb", "none"),
+    "wandb.mode": ("auto", "offline", "online"),
+    "data.format": ("embedded", "text"),
+    "tokenizer.model_type": ("bpe", "unigram"),
+    # slurm joins once the SLURM backend lands.
+    "cluster.name": ("local",),
+}
+
+# Integer sizes that must be >= 1 (anything else would divide by zero or mean nothing).
+POSITIVE: tuple[str, ...] = (
+    "cluster.nodes",
+    "cluster.procs_per_node",
+    "cluster.threads_per_proc",
+    "parallel.tp",
+    "parallel.pp",
+    "model.num_layers",
+    "model.hidden_size",
+    "model.num_attention_heads",
+    "model.seq_length",
+    "model.make_vocab_size_divisible_by",
+    "train.steps",
+    "train.global_batch",
+    "train.micro_batch",
+)
+
+# Optional sizes: None means "derive it", any set value must be >= 1.
+OPTIONAL_POSITIVE: tuple[str, ...] = ("model.num_query_groups", "model.ffn_hidden_size")
+
+# What the layout arithmetic divides by or compares.
+LAYOUT_KEYS: tuple[str, ...] = (
+    "cluster.name", "cluster.nodes", "cluster.procs_per_node", "parallel.tp", "parallel.pp",
+    "model.num_layers", "model.hidden_size", "model.num_attention_heads",
+    "train.global_batch", "train.micro_batch", "model.make_vocab_size_divisible_by",
+) + OPTIONAL_POSITIVE
+
+
+class ConfigError(ValueError):
+    """A bad config value; str() reads `<key>=<value>: <message>`."""
+
+    def __init__(self, key: str, value: object, message: str) -> None:
+        self.key = key
+        self.value = value
+        self.message = message
+        super().__init__(f"{key}={format_value(value)}: {message}")
+
+
+def format_value(value: object) -> str:
+    """Render a value the way a user would type it on the command line."""
+    if value is None:
+        return "null"
+    if value == "":
+        return "''"
+    return str(value)
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+
+def _check_choices(cfg: DictConfig) -> list[ConfigError]:
+    errors = []
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            errors.append(ConfigError(key, value, f"must be one of {', '.join(allowed)}"))
+    return errors
+
+
+def _check_positive(cfg: DictConfig) -> list[ConfigError]:
+    errors = []
+    for key in POSITIVE + OPTIONAL_POSITIVE:
+        value = _get(cfg, key)
+        if value is None and key in OPTIONAL_POSITIVE:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            errors.append(ConfigError(key, value, "must be an integer >= 1"))
+    lr = _get(cfg, "optim.lr")
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        errors.append(ConfigError("optim.lr", lr, "must be > 0"))
+    for key in ("ckpt.every", "optim.warmup_steps"):
+        value = _get(cfg, key)
+        if not isinstance(value, int) or value < 0:
+            errors.append(ConfigError(key, value, "must be an integer >= 0"))
+    return errors
+
+
+def _check_layout(cfg: DictConfig) -> list[ConfigError]:
+    """Parallel sizes against the world, the model shape and the batch (Megatron's rules)."""
+    nodes, ppn = _get(cfg, "cluster.nodes"), _get(cfg, "cluster.procs_per_node")
+    tp, pp = _get(cfg, "parallel.tp"), _get(cfg, "parallel.pp")
+    world = nodes * ppn
+    world_text = f"the world size {world} (cluster.nodes={nodes} x cluster.procs_per_node={ppn})"
+    if world % tp:
+        return [ConfigError("parallel.tp", tp, f"must divide {world_text}")]
+    if world % (tp * pp):
+        return [ConfigError("parallel.pp", pp, f"tp*pp = {tp}*{pp} must divide {world_text}")]
+    errors = []
+    if cfg.cluster.name == "local" and nodes != 1:
+        errors.append(ConfigError(
+            "cluster.nodes", nodes, "must be 1: cluster=local runs every rank on this machine"))
+    errors.extend(_check_model_split(cfg.model, tp, pp))
+    dp = world // (tp * pp)
+    gb, mb = cfg.train.global_batch, cfg.train.micro_batch
+    if gb % (mb * dp):
+        errors.append(ConfigError(
+            "train.global_batch", gb,
+            f"must be a multiple of train.micro_batch x DP = {mb} x {dp} = {mb * dp} "
+            f"(DP = world {world} / (tp {tp} x pp {pp}))",
+        ))
+    return errors
+
+
+def _check_model_split(model: DictConfig, tp: int, pp: int) -> list[ConfigError]:
+    """Heads, KV groups, MLP and vocabulary across TP ranks; layers across PP stages."""
+    return [ConfigError(key, value, what) for key, value, what in model_split_problems(model, tp, pp)]
+
+
+def _missing_file(path: str) -> Optional[str]:
+    """Why `path` is not a readable file, or None when it is."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return f"no such file: {p}"
+    if not p.is_file():
+        return f"not a file: {p}"
+    if not os.access(p, os.R_OK):
+        return f"not readable: {p}"
+    return None
+
+
+def _check_paths(cfg: DictConfig) -> list[ConfigError]:
+    errors = []
+    if cfg.data.format == "text":
+        raw = cfg.data.path or ""
+        parts = [part.strip() for part in raw.split(",")]
+        if not raw.strip() or not all(parts):
+            errors.append(ConfigError(
+                "data.path", raw, "data.format=text needs data.path=<file>[,<file>...]"))
+        else:
+            problems = [why for why in map(_missing_file, parts) if why]
+            if problems:
+                errors.append(ConfigError("data.path", raw, "; ".join(problems)))
+    tokenizer = cfg.tokenizer.path
+    if tokenizer and (why := _missing_file(tokenizer)):
+        errors.append(ConfigError("tokenizer.path", tokenizer, why))
+    load = cfg.ckpt.load
+    if load and not Path(load).expanduser().exists():
+        where = Path(load).expanduser()
+        errors.append(ConfigError("ckpt.load", load, f"no such checkpoint: {where}"))
+    return errors
+
+
+def _bad_keys(errors: Iterable[ConfigError]) -> set[str]:
+    return {error.key for error in errors}
+
+
+def find_errors(cfg: DictConfig | Any) -> list[ConfigError]:
+    """Every problem in `cfg` (a composed DictConfig or a trainer.config.Config), in order."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
+    errors = _check_choices(cfg) + _check_positive(cfg)
+    # Arithmetic on a value already reported as bad would only repeat (or crash on) it.
+    dependent: list[tuple[Callable[[DictConfig], list[ConfigError]], tuple[str, ...]]] = [
+        (_check_layout, LAYOUT_KEYS),
+        (_check_paths, ("data.format",)),
+    ]
+    for check, needs in dependent:
+        if not _bad_keys(errors) & set(needs):
+            errors.extend(check(cfg))
+    return errors
+
+
+def validate(cfg: DictConfig | Any) -> None:
+    """Raise the first ConfigError in `cfg`; return quietly when it is runnable."""
+    errors = find_errors(cfg)
+    if errors:
+        raise errors[0]

@@ -1,0 +1,50 @@
+"""Shared test helpers: where the repo and the shared data live, and how to run the trainer
+as several local processes (the launcher's own process spawner, gloo on CPU)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_config(run_dir: Path, overrides: dict[str, Any]) -> Path:
+    """A resolved trainer config (what the launcher writes), from the schema defaults."""
+    from trainer.config import Config
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(overrides))
+    cfg.run.dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    OmegaConf.save(cfg, path, resolve=True)
+    return path
+
+
+def run_trainer(run_dir: Path, overrides: dict[str, Any], world_size: int = 1,
+                timeout_s: float = 600) -> list[dict[str, Any]]:
+    """Run `python -m trainer` in `world_size` processes; return metrics.jsonl records."""
+    from launcher.local import run_local
+
+    path = write_config(run_dir, overrides)
+    code = run_local([sys.executable, "-m", "trainer", str(path)], world_size, run_dir,
+                     env_extra={"PYTHONPATH": str(REPO)}, threads=1)
+    assert code == 0, f"trainer failed with exit code {code}; see {run_dir}/logs"
+    return read_metrics(run_dir)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
