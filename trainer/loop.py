@@ -34,13 +34,19 @@ def run(ctx: RunContext, stage: Stage, start_step: int = 0) -> list[dict[str, An
     cfg = ctx.cfg
     total = int(cfg.train.steps)
     logger = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, logger=str(cfg.logger),
-                           wandb_cfg=cfg.wandb, config=config_dict(cfg), total_steps=total)
+                           wandb_cfg=cfg.wandb, config=config_dict(cfg), total_steps=total,
+                           start_step=start_step)
     records: list[dict[str, Any]] = []
     started = time.perf_counter()
     deadline = started + 60.0 * float(cfg.train.max_minutes) if cfg.train.max_minutes > 0 else None
     logger.message(f"[chatforge] stage={stage.name} steps {start_step}->{total} "
                    f"layout tp={ctx.topo.tp} pp={ctx.topo.pp} dp={ctx.topo.dp} run.dir={ctx.run_dir}")
     try:
+        if start_step == 0 and int(cfg.train.eval_every) > 0:
+            # The untrained baseline: every eval curve starts at step 0.
+            baseline = {"step": 0, **stage.evaluate()}
+            records.append(baseline)
+            logger.log(baseline, steps_done_this_run=0)
         for step in range(start_step, total):
             t0 = time.perf_counter()
             result = stage.train_step(step)
@@ -51,12 +57,13 @@ def run(ctx: RunContext, stage: Stage, start_step: int = 0) -> list[dict[str, An
                 record.update(stage.evaluate())
             records.append(record)
             if done % max(int(cfg.train.log_every), 1) == 0 or done == total or "eval_loss" in record:
-                logger.log(record, steps_done_this_run=done - start_step, first_step=start_step)
+                logger.log(record, steps_done_this_run=done - start_step)
             if deadline is not None:
                 # Ranks' clocks differ: every rank asks every step, rank 0's answer counts.
                 if _agree_stop(ctx, time.perf_counter() > deadline):
                     logger.message(f"[chatforge] train.max_minutes={cfg.train.max_minutes} reached at step {done}")
                     break
+        logger.message(f"[chatforge] done: {ctx.run_dir / 'metrics.jsonl'}")
     finally:
         logger.close()
     return records

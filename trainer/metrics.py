@@ -55,7 +55,8 @@ class MetricsLogger:
     keeps every line written before it) and mirrors it to wandb."""
 
     def __init__(self, run_dir: Path, enabled: bool, logger: str, wandb_cfg: Any,
-                 config: dict[str, Any], total_steps: int, stream: TextIO = sys.stdout) -> None:
+                 config: dict[str, Any], total_steps: int, start_step: int = 0,
+                 stream: TextIO = sys.stdout) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.stream = stream
@@ -65,7 +66,9 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        _keep_steps_up_to(path, start_step)
+        self._file = open(path, "a", buffering=1)
         if logger == "wandb":
             import wandb  # imported only when used: it starts a service process
 
@@ -75,7 +78,7 @@ class MetricsLogger:
                 resume="allow", id=_wandb_id(run_dir),
             )
 
-    def log(self, record: dict[str, Any], steps_done_this_run: int, first_step: int) -> None:
+    def log(self, record: dict[str, Any], steps_done_this_run: int) -> None:
         if not self.enabled:
             return
         assert self._file is not None
@@ -83,7 +86,7 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         elapsed = time.perf_counter() - self.start
-        per_step = elapsed / max(steps_done_this_run, 1)
+        per_step = elapsed / steps_done_this_run if steps_done_this_run else float("nan")
         eta = per_step * (self.total_steps - record["step"])
         print(progress_line({**record, "elapsed": elapsed}, self.total_steps, eta),
               file=self.stream, flush=True)
@@ -99,6 +102,23 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _keep_steps_up_to(path: Path, last_step: int) -> None:
+    """A run restarted at `last_step` (from scratch: 0, resumed: the checkpoint's step) will
+    log the later steps again; drop their old lines so each step appears once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step and last_step > 0:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line from a killed run
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _wandb_id(run_dir: Path) -> str:
