@@ -1,8 +1,8 @@
 """Build a Megatron GPTModel (this rank's pipeline stage) from a ModelConfig.
 
-Model definition is megatron's; this module chooses layers (the local spec), fills the
-TransformerConfig from our schema, and initialises weights so that the same seed gives the
-same full model at every TP/PP layout (each tensor is drawn whole from a generator seeded
+Model definition is megatron's; this module chooses layers (the local spec with SDPA core
+attention, parallel/layers.py), fills the TransformerConfig from our schema, and initialises
+weights so that the same seed gives the same full model at every TP/PP layout (each tensor is drawn whole from a generator seeded
 by its global checkpoint key, then this rank takes its shard).
 """
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from parallel.config import ModelConfig, ParallelConfig
 from parallel.groups import Topology
+from parallel.layers import gpt_layer_spec
 
 
 def padded_vocab_size(vocab_size: int, model: ModelConfig, parallel: ParallelConfig) -> int:
@@ -118,7 +118,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, topo: Topology,
                 vocab_size: int, seed: int) -> GPTModel:
     """This rank's stage of the GPT. `vocab_size` is the tokenizer's (padded here)."""
     config = transformer_config(model, parallel)
-    spec = get_gpt_layer_local_spec(normalization=model.normalization)
+    # Megatron's local layers, with fused SDPA core attention (see parallel/layers.py).
+    spec = gpt_layer_spec(model.normalization)
     scalar = model.head == "scalar"
     gpt = GPTModel(
         config=config,
@@ -176,6 +177,7 @@ def init_weights(gpt: GPTModel, model: ModelConfig, seed: int) -> None:
     """Draw every parameter whole from a generator keyed by (seed, checkpoint key), then keep
     this rank's shard: identical full weights at every layout. Costs one full-size tensor at
     a time on the host, which is acceptable at start-up."""
+    covered: set[int] = set()
     for sharded in _sharded_tensors(gpt.sharded_state_dict()):
         full = _init_full(sharded.key, tuple(sharded.global_shape), model, seed)
         local = full
@@ -187,11 +189,21 @@ def init_weights(gpt: GPTModel, model: ModelConfig, seed: int) -> None:
                 size = sharded.local_shape[axis - prepend]
                 local = local.narrow(axis - prepend, offset, size)
         sharded.data.copy_(local.reshape(sharded.data.shape).to(sharded.data.dtype))
+        covered.add(sharded.data.untyped_storage().data_ptr())
+    # perform_initialization=False leaves torch.empty garbage in anything missed above.
+    missed = [name for name, p in gpt.named_parameters()
+              if p.untyped_storage().data_ptr() not in covered]
+    if missed:
+        raise RuntimeError(f"init_weights: no checkpoint key covers {missed}")
 
 
 def _sharded_tensors(tree: Any) -> list[ShardedTensor]:
+    """The ShardedTensors of a sharded state dict; factories (SwiGLU's fc1, stored as two
+    halves) are built, which yields views into the parameter."""
     found: list[ShardedTensor] = []
-    if isinstance(tree, ShardedTensor):
+    if isinstance(tree, ShardedTensorFactory):
+        found.extend(_sharded_tensors(tree.build()))
+    elif isinstance(tree, ShardedTensor):
         if tree.flattened_range is None:
             found.append(tree)
     elif isinstance(tree, dict):

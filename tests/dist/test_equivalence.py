@@ -26,13 +26,25 @@ BASE: dict[str, Any] = {
     "tokenizer": {"vocab_size": 384},
 }
 
+# LLaMA's choices on the same tiny scale: rotary positions, RMSNorm, SwiGLU, no biases,
+# untied output layer, grouped-query attention (2 KV groups for 4 heads).
+LLAMA: dict[str, Any] = {"model": {
+    "position_embedding": "rope", "normalization": "RMSNorm", "activation": "swiglu",
+    "add_bias": False, "tie_embeddings": False, "num_query_groups": 2}}
+
+# name -> (model family, processes, overrides)
 LAYOUTS = {
-    "tp2": (2, {"parallel": {"tp": 2}}),
-    "pp2": (2, {"parallel": {"pp": 2}}),  # 4 microbatches of 2 per step
-    "dp2": (2, {}),
-    "tp2pp2": (4, {"parallel": {"tp": 2, "pp": 2}}),
-    "dp2_distopt": (2, {"parallel": {"distributed_optimizer": True}}),
+    "tp2": ("gpt", 2, {"parallel": {"tp": 2}}),
+    "pp2": ("gpt", 2, {"parallel": {"pp": 2}}),  # 4 microbatches of 2 per step
+    "dp2": ("gpt", 2, {}),
+    "tp2pp2": ("gpt", 4, {"parallel": {"tp": 2, "pp": 2}}),
+    "dp2_distopt": ("gpt", 2, {"parallel": {"distributed_optimizer": True}}),
+    "llama_tp2pp2": ("llama", 4, {"parallel": {"tp": 2, "pp": 2}}),
+    # Recomputation trades memory for compute and must not change the numbers.
+    "recompute_full": ("gpt", 1, {"parallel": {"recompute": "full"}}),
+    "recompute_selective_tp2": ("gpt", 2, {"parallel": {"recompute": "selective", "tp": 2}}),
 }
+FAMILIES = {"gpt": {}, "llama": LLAMA}
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -43,18 +55,29 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    records = run_trainer(tmp_path_factory.mktemp("single"), BASE, world_size=1)
-    assert len(records) == STEPS
-    # The reference must itself be a training run: the loss has to move.
-    assert records[-1]["loss"] < records[0]["loss"] - 0.05
-    return records
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """Single-process runs, one per model family, made when first needed."""
+    return {}
+
+
+def _reference(family: str, cache: dict[str, list[dict[str, Any]]], root: Path) -> list[dict[str, Any]]:
+    if family not in cache:
+        records = run_trainer(root / f"single_{family}", _merge(BASE, FAMILIES[family]), world_size=1)
+        assert len(records) == STEPS
+        # The reference must itself be a training run: the loss has to move.
+        assert records[-1]["loss"] < records[0]["loss"] - 0.05
+        cache[family] = records
+    return cache[family]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name: str, reference: list[dict[str, Any]], tmp_path: Path) -> None:
-    world, extra = LAYOUTS[name]
-    records = run_trainer(tmp_path / name, _merge(BASE, extra), world_size=world)
+def test_layout_matches_single_process(name: str, references: dict[str, list[dict[str, Any]]],
+                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+    family, world, extra = LAYOUTS[name]
+    root = tmp_path_factory.getbasetemp()
+    reference = _reference(family, references, root)
+    config = _merge(_merge(BASE, FAMILIES[family]), extra)
+    records = run_trainer(root / name, config, world_size=world)
     assert [r["step"] for r in records] == [r["step"] for r in reference]
     for ours, ref in zip(records, reference):
         assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-4), (name, ours["step"])
