@@ -23,7 +23,8 @@ The call sites each entry serves (megatron-core 0.16.1):
   the current CUDA device.
 - tensor_parallel.random: the model-parallel RNG tracker keeps "CUDA" generator states;
   on CPU it tracks CPU generator states instead (`_get/_set_cuda_rng_state`, `add`).
-- dist_checkpointing.strategies.*: `torch.cuda.synchronize()` in the save path.
+- dist_checkpointing.strategies.*: `torch.cuda.synchronize()` in the save path; the
+  save-failure flag all-reduced on `torch.cuda.current_device()` (state_dict_saver).
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ _PROXIED_MODULES = (
     "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.dist_checkpointing.tensor_aware_state_dict",
 )
@@ -77,6 +79,10 @@ _TYPE_CHECKED_METHODS = (
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
      "_build_model_and_main_param_groups"),
+    # Saving the distributed optimizer's state gathers DP shards with `send_tensor.cuda()`
+    # unless gloo process groups are used for it.
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
+     "get_parameter_state_dp_zero"),
     # Tied embeddings at PP>1: `weight.data = weight.data.cuda()` before the all-reduce that
     # copies the first stage's embedding into the last stage's output layer.
     ("megatron.core.models.common.language_module.language_module", "LanguageModule",

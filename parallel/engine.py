@@ -53,6 +53,8 @@ class Engine:
                  total_steps: int = 1) -> None:
         self.model_cfg, self.parallel_cfg, self.topo = model_cfg, parallel_cfg, topo
         module = build_model(model_cfg, parallel_cfg, topo, vocab_size, seed)
+        # The bare GPTModel: checkpoints use its keys (the DDP wrapper adds "module.").
+        self.module = module
         self.config = module.config
         self.trainable = optim is not None
         self.optimizer: Any = None

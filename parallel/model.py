@@ -19,7 +19,7 @@ from megatron.core.transformer import TransformerConfig
 
 from parallel.config import ModelConfig, ParallelConfig
 from parallel.groups import Topology
-from parallel.layers import gpt_layer_spec
+from parallel.layers import CausalMaskElision, gpt_layer_spec
 
 
 def padded_vocab_size(vocab_size: int, model: ModelConfig, parallel: ParallelConfig) -> int:
@@ -134,6 +134,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, topo: Topology,
     )
     if scalar and topo.is_last_stage:
         gpt.output_layer = ScalarHead(model.hidden_size, config.params_dtype)
+    gpt.register_forward_pre_hook(CausalMaskElision(), with_kwargs=True)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     _mark_tensor_parallel(gpt)

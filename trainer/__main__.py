@@ -16,10 +16,10 @@ def main(argv: list[str]) -> int:
     ctx = runtime.start(cfg)
     try:
         stage = build_stage(ctx)
-        run(ctx, stage)
+        code = run(ctx, stage)
     finally:
         runtime.close(ctx)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

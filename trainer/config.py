@@ -62,15 +62,28 @@ class TrainConfig:
     log_every: int = 1
     # Stop (after saving) once this many minutes have passed; 0 disables the limit.
     max_minutes: float = 0.0
+    # Stop (after saving) when the step count is a multiple of this, as Megatron-LM's
+    # --exit-interval; rerunning the command continues. 0 disables it.
+    exit_interval: int = 0
 
 
 @dataclass
 class CkptConfig:
-    # Save every N steps; 0 saves only at the end of the run.
+    # Save every N steps; 0 saves only at the end of the run (and on a stop signal).
     every: int = 0
-    # Start from another run's checkpoint directory (empty: resume this run or start fresh).
+    # Start a new run from another run's checkpoint: a run dir, its checkpoints/ dir or one
+    # step_NNNNNN dir. Ignored once this run has a checkpoint of its own (then it resumes).
     load: str = ""
+    # What ckpt.load restores: weights only, or the full state (optimizer, LR schedule,
+    # data position, step).
+    load_state: str = "weights"  # weights | full
+    # Keep the newest `keep` checkpoints, plus every step divisible by keep_every (0: none).
     keep: int = 2
+    keep_every: int = 0
+    # Write shards in the background while training goes on.
+    async_save: bool = False
+    # If the newest checkpoint is damaged, load the previous complete one instead of failing.
+    fallback: bool = False
 
 
 @dataclass

@@ -1,11 +1,15 @@
-"""The one training loop, shared by every stage."""
+"""The one training loop, shared by every stage: steps, evaluation, logging, checkpoints,
+resume and stop requests."""
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from trainer.checkpointing import Checkpointer
+from trainer.exitcodes import EXIT_OK, EXIT_REQUEUE
 from trainer.metrics import MetricsLogger
 from trainer.runtime import RunContext, config_dict
+from trainer.signals import StopRequests
 from trainer.stages.base import Stage
 
 
@@ -16,6 +20,7 @@ def _should_eval(step: int, total: int, every: int) -> bool:
 def _record(step: int, result: Any, seconds: float, tokens: int, elapsed: float) -> dict[str, Any]:
     record: dict[str, Any] = {"step": step}
     record.update(result.metrics)
+    record.update(result.extra)
     record.update({
         "lr": result.lr,
         "grad_norm": result.grad_norm,
@@ -28,26 +33,38 @@ def _record(step: int, result: Any, seconds: float, tokens: int, elapsed: float)
     return record
 
 
-def run(ctx: RunContext, stage: Stage, start_step: int = 0) -> list[dict[str, Any]]:
-    """Train `stage` from `start_step` to train.steps; log, evaluate, stop on time limit.
-    Returns the records logged (on every rank; rank 0 also writes them)."""
+def _resume(ctx: RunContext, stage: Stage, checkpointer: Checkpointer) -> int:
+    resume = checkpointer.find_resume()
+    if resume is None:
+        return 0
+    start = checkpointer.load(resume, stage.engines(), stage)
+    if ctx.is_main:
+        what = "full state" if resume.full_state else "weights only"
+        print(f"[chatforge] loaded {resume.directory} ({what}); continuing at step {start}", flush=True)
+    return start
+
+
+def run(ctx: RunContext, stage: Stage) -> int:
+    """Train `stage` to train.steps, resuming from this run's latest checkpoint (or
+    ckpt.load). Returns the process exit code: EXIT_REQUEUE after a stop signal."""
     cfg = ctx.cfg
-    total = int(cfg.train.steps)
+    total, every = int(cfg.train.steps), int(cfg.ckpt.every)
+    checkpointer = Checkpointer(ctx)
+    start = _resume(ctx, stage, checkpointer)
     logger = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, logger=str(cfg.logger),
                            wandb_cfg=cfg.wandb, config=config_dict(cfg), total_steps=total,
-                           start_step=start_step)
-    records: list[dict[str, Any]] = []
+                           start_step=start)
+    stops = StopRequests(float(cfg.train.max_minutes))
+    stops.install()
+    code, done = EXIT_OK, start
     started = time.perf_counter()
-    deadline = started + 60.0 * float(cfg.train.max_minutes) if cfg.train.max_minutes > 0 else None
-    logger.message(f"[chatforge] stage={stage.name} steps {start_step}->{total} "
+    logger.message(f"[chatforge] stage={stage.name} steps {start}->{total} "
                    f"layout tp={ctx.topo.tp} pp={ctx.topo.pp} dp={ctx.topo.dp} run.dir={ctx.run_dir}")
     try:
-        if start_step == 0 and int(cfg.train.eval_every) > 0:
+        if start == 0 and int(cfg.train.eval_every) > 0:
             # The untrained baseline: every eval curve starts at step 0.
-            baseline = {"step": 0, **stage.evaluate()}
-            records.append(baseline)
-            logger.log(baseline, steps_done_this_run=0)
-        for step in range(start_step, total):
+            logger.log({"step": 0, **stage.evaluate()}, steps_done_this_run=0)
+        for step in range(start, total):
             t0 = time.perf_counter()
             result = stage.train_step(step)
             seconds = time.perf_counter() - t0
@@ -55,28 +72,25 @@ def run(ctx: RunContext, stage: Stage, start_step: int = 0) -> list[dict[str, An
             record = _record(done, result, seconds, stage.tokens_per_step, time.perf_counter() - started)
             if _should_eval(done, total, int(cfg.train.eval_every)):
                 record.update(stage.evaluate())
-            records.append(record)
             if done % max(int(cfg.train.log_every), 1) == 0 or done == total or "eval_loss" in record:
-                logger.log(record, steps_done_this_run=done - start_step)
-            if deadline is not None:
-                # Ranks' clocks differ: every rank asks every step, rank 0's answer counts.
-                if _agree_stop(ctx, time.perf_counter() > deadline):
-                    logger.message(f"[chatforge] train.max_minutes={cfg.train.max_minutes} reached at step {done}")
-                    break
-        logger.message(f"[chatforge] done: {ctx.run_dir / 'metrics.jsonl'}")
+                logger.log(record, steps_done_this_run=done - start)
+            checkpointer.poll()
+            signalled, out_of_time = stops.agree()
+            interval = int(cfg.train.exit_interval)
+            at_interval = interval > 0 and done % interval == 0 and done < total
+            if signalled or out_of_time or at_interval:
+                why = ("a stop signal" if signalled else f"train.max_minutes={cfg.train.max_minutes}"
+                       if out_of_time else f"train.exit_interval={interval}")
+                logger.message(f"[chatforge] {why}: saving step {done} and stopping")
+                code = EXIT_REQUEUE if signalled else EXIT_OK
+                break
+            if every > 0 and done % every == 0 and done < total:
+                checkpointer.save(done, stage.engines(), stage.state_dict())
+        # Clean end, signal or time limit: the last step is always saved.
+        checkpointer.save(done, stage.engines(), stage.state_dict())
+        checkpointer.close()
+        logger.message(f"[chatforge] done at step {done}: {ctx.run_dir / 'metrics.jsonl'}")
     finally:
+        stops.uninstall()
         logger.close()
-    return records
-
-
-def _agree_stop(ctx: RunContext, mine: bool) -> bool:
-    """All ranks must leave the loop at the same step: take rank 0's decision."""
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.tensor([1.0 if mine else 0.0])
-    if dist.get_world_size() > 1:
-        if torch.cuda.is_available():
-            flag = flag.cuda()
-        dist.broadcast(flag, src=0)
-    return bool(flag.item() > 0)
+    return code

@@ -28,6 +28,10 @@ class Stage(ABC):
     def train_step(self, step: int) -> StepResult:
         """Run optimizer step `step` (0-based)."""
 
+    @abstractmethod
+    def engines(self) -> dict[str, Engine]:
+        """The engines a checkpoint holds, by name (the names are checkpoint key prefixes)."""
+
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics, keys prefixed with `eval_`; empty if the stage has none."""
         return {}
@@ -54,11 +58,17 @@ class SupervisedStage(Stage):
     def eval_batches(self) -> list[list[dict[str, torch.Tensor]]]:
         """The fixed held-out batches (the same at every evaluation)."""
 
+    def engines(self) -> dict[str, Engine]:
+        return {"model": self.engine}
+
     def next_microbatches(self) -> list[dict[str, torch.Tensor]]:
         return self.loader.next_batch()
 
     def train_step(self, step: int) -> StepResult:
-        return self.engine.train_step(self.next_microbatches(), self.step_fn)
+        result = self.engine.train_step(self.next_microbatches(), self.step_fn)
+        # Where the data stream stands after this step (Megatron's "consumed samples").
+        result.extra["consumed_samples"] = self.loader.consumed_samples
+        return result
 
     def evaluate(self) -> dict[str, float]:
         totals: dict[str, float] = {}

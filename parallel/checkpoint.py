@@ -1,0 +1,120 @@
+"""Sharded save/load of engines (model + optimizer) with megatron's dist_checkpointing.
+
+The torch_dist backend stores every tensor by its global key with its global shape, so a
+checkpoint saved at one TP/PP/DP layout loads at another. The distributed optimizer is
+saved in its `fully_reshardable` form (canonical per-parameter state) for the same reason.
+
+The commit protocol (temporary directory, manifest, rename, `latest`) lives in
+trainer/checkpointing.py; this module only moves tensors.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+from megatron.core.optimizer import distrib_optimizer
+
+from parallel.engine import Engine
+
+# Reshardable across TP, PP and DP (see module docstring).
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _install_no_apex_step_fix() -> None:
+    """Without apex/Transformer Engine the inner optimizer is torch's Adam(W), whose state
+    holds a per-parameter `step` next to exp_avg/exp_avg_sq. Megatron 0.16.1 saves `step` in
+    the param groups, and `_set_main_param_and_optimizer_states` then demands a loaded tensor
+    for every state key, `step` included (KeyError: 'step'). Load the tensors that exist and
+    keep the `step` that `load_state_dict` already restored from the param groups."""
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, "__chatforge_fix__", False):
+        return
+
+    @functools.wraps(original)
+    def set_states(self: Any, model_param: torch.nn.Parameter, tensors: dict[str, torch.Tensor]) -> None:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        kept = {key: state.pop(key) for key in list(state) if key not in tensors and key == "step"}
+        try:
+            original(self, model_param, tensors)
+        finally:
+            state.update(kept)
+
+    set_states.__chatforge_fix__ = True  # type: ignore[attr-defined]
+    cls._set_main_param_and_optimizer_states = set_states
+
+
+if not distrib_optimizer.HAVE_APEX_OR_TE:
+    _install_no_apex_step_fix()
+
+
+def ensure_optimizer_state(engine: Engine) -> None:
+    """Give every parameter its Adam state (zeros, step 0) before a load or a save at step 0.
+    Megatron's `state_dict()` reads `step` from that state; a fresh torch optimizer has none
+    (this is the `assert len(steps) == 1` failure without apex)."""
+    inner = engine.optimizer.optimizer
+    for group in inner.param_groups:
+        for param in group["params"]:
+            state = inner.state[param]
+            if len(state) == 0:
+                state["exp_avg"] = torch.zeros_like(param.data)
+                state["exp_avg_sq"] = torch.zeros_like(param.data)
+                state["step"] = torch.tensor(0.0)
+
+
+def _unshare_steps(engine: Engine) -> None:
+    """Megatron's DistributedOptimizer.load_state_dict gives every parameter the *same*
+    `step` tensor; torch's Adam increments each parameter's step in place, so a shared
+    tensor advances once per parameter per step and the bias correction goes wrong after
+    a resume. Give each parameter its own copy."""
+    inner = engine.optimizer.optimizer
+    for state in inner.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def sharded_state(engine: Engine, name: str, with_optimizer: bool, is_loading: bool) -> dict[str, Any]:
+    """The engine's sharded state with every checkpoint key prefixed by `name.`, so several
+    engines (actor, critic, ...) share one checkpoint without key collisions."""
+    model_state = engine.module.sharded_state_dict()
+    state: dict[str, Any] = {"model": model_state}
+    if with_optimizer and engine.trainable:
+        ensure_optimizer_state(engine)
+        state["optimizer"] = engine.optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, metadata=_OPTIMIZER_METADATA)
+    add_prefix_for_sharding(state, f"{name}.")
+    return state
+
+
+def save_engines(engines: dict[str, Engine], directory: Path, async_save: bool = False) -> Optional[AsyncRequest]:
+    """Write all engines' shards (model and optimizer) into `directory` in one collective
+    save; every rank calls it. With `async_save` the tensor writes happen in the background:
+    the returned request must be scheduled, and the files are complete only after it ran."""
+    state = {name: sharded_state(engine, name, with_optimizer=True, is_loading=False)
+             for name, engine in engines.items()}
+    return dist_checkpointing.save(state, str(directory), async_sharded_save=async_save)
+
+
+def load_engines(engines: dict[str, Engine], directory: Path, with_optimizer: bool,
+                 sources: Optional[dict[str, str]] = None) -> None:
+    """Load engines from `directory` at whatever layout this run has. `sources` maps an
+    engine to the name it was saved under (e.g. a PPO actor from an SFT "policy")."""
+    sources = sources or {}
+    state = {name: sharded_state(engine, sources.get(name, name), with_optimizer, is_loading=True)
+             for name, engine in engines.items()}
+    loaded = dist_checkpointing.load(state, str(directory))
+    for name, engine in engines.items():
+        engine.module.load_state_dict(loaded[name]["model"])
+        if "optimizer" in loaded[name]:
+            engine.optimizer.load_state_dict(loaded[name]["optimizer"])
+            _unshare_steps(engine)
+        elif engine.trainable and hasattr(engine.optimizer, "reload_model_params"):
+            # Mixed-precision optimizers keep fp32 copies of the weights: refresh them.
+            engine.optimizer.reload_model_params()

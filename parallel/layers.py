@@ -1,0 +1,131 @@
+"""Layer choices for the local (no Transformer Engine) GPT spec.
+
+Megatron's local `DotProductAttention` materialises the [b, heads, s, s] scores: baddbmm,
+an out-of-place masked_fill, softmax, bmm, and the same again backwards. On a CPU that is
+about half of the step time outside the GEMMs (measured by tools/bench/pretrain_throughput.py:
+a 4-layer, 256-hidden, seq-256 GPT spent ~0.6 s of a 1.5 s step there). torch's
+`scaled_dot_product_attention` does the same maths in one fused kernel (flash attention on
+CPU and GPU), so our spec swaps it in as the core attention; everything else in the layer
+(QKV and output projections, TP splits, checkpoint keys) stays megatron's.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """Core attention (the softmax(QK^T/sqrt(d))V part) through
+    `F.scaled_dot_product_attention`; a drop-in for megatron's `DotProductAttention`.
+
+    Masks follow megatron: `attention_mask` is boolean, True where attention is *blocked*,
+    broadcastable to [b, heads, sq, sk]; None with a causal layer means the causal mask
+    (SDPA's `is_causal`, which also lets the kernel skip the blocked half)."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection: Any = None) -> None:
+        super().__init__(config=config)
+        _check_supported(config)
+        tp = pg_collection.tp.size() if pg_collection is not None else config.tensor_model_parallel_size
+        self.attn_mask_type = attn_mask_type
+        self.heads = divide(config.num_attention_heads, tp)
+        self.groups = divide(config.num_query_groups, tp)
+        head_dim = config.kv_channels
+        # apply_query_key_layer_scaling divides the scores by the layer number and multiplies
+        # them back inside the fp32 softmax: the net scale is 1/sqrt(d) either way.
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
+                attention_bias: Optional[torch.Tensor] = None, packed_seq_params: Any = None) -> torch.Tensor:
+        """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np * hn]."""
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention: packed sequences and attention bias are not supported")
+        if self.heads != self.groups:
+            # Grouped-query attention: repeat the KV heads, as megatron's local attention does.
+            key = key.repeat_interleave(self.heads // self.groups, dim=2)
+            value = value.repeat_interleave(self.heads // self.groups, dim=2)
+        # [s, b, n, d] -> [b, n, s, d]: views, the kernel takes strided inputs.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        causal = attention_mask is None and mask_type == AttnMaskType.causal
+        allowed = None if attention_mask is None else ~attention_mask
+        dropout = self.dropout if self.training else 0.0
+        with _rng_fork(dropout > 0.0 and not self.config.sequence_parallel):
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
+                                                     is_causal=causal, scale=self.scale)
+        sq, b = query.shape[0], query.shape[1]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def _rng_fork(active: bool) -> Any:
+    """Attention dropout draws from megatron's model-parallel RNG stream (different on each
+    TP rank, as in DotProductAttention); without dropout no stream is touched."""
+    return tensor_parallel.get_cuda_rng_tracker().fork() if active else contextlib.nullcontext()
+
+
+def _check_supported(config: TransformerConfig) -> None:
+    """Fail at build time on megatron attention features this module does not implement."""
+    unsupported = {
+        "context_parallel_size": config.context_parallel_size != 1,
+        "softmax_type": config.softmax_type != "vanilla",
+        "window_size": config.window_size is not None,
+    }
+    bad = [name for name, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise ValueError(f"SDPAttention does not support TransformerConfig {', '.join(bad)}")
+
+
+class CausalMaskElision:
+    """GPTModel forward pre-hook: an `attention_mask` that is exactly the causal triangle is
+    replaced by None, which `SDPAttention` (a causal layer) runs as `is_causal=True`: the
+    kernel then skips the blocked half instead of reading a mask, and on a GPU it may use
+    the flash kernel (an explicit mask rules that out). Any other mask (padding, packed
+    documents) passes through unchanged. Checked once per micro batch (one small compare;
+    on a GPU it waits for the device once, not once per layer)."""
+
+    def __init__(self) -> None:
+        self._triangles: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+        # GPTModel.forward(input_ids, position_ids, attention_mask, ...)
+        in_args = len(args) > 2
+        mask = args[2] if in_args else kwargs.get("attention_mask")
+        if mask is None or not self._is_causal(mask):
+            return None
+        if in_args:
+            return (*args[:2], None, *args[3:]), kwargs
+        return args, {**kwargs, "attention_mask": None}
+
+    def _is_causal(self, mask: torch.Tensor) -> bool:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+            return False
+        seq = mask.shape[-1]
+        if mask.shape[-2] != seq:
+            return False
+        key = (seq, mask.device)
+        if key not in self._triangles:
+            self._triangles[key] = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).triu(1)
+        return torch.equal(mask, self._triangles[key].expand_as(mask))
+
+
+def gpt_layer_spec(normalization: str) -> ModuleSpec:
+    """Megatron's local GPT layer spec with `SDPAttention` as the core attention."""
+    spec = get_gpt_layer_local_spec(normalization=normalization)
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec

@@ -1,0 +1,375 @@
+"""Checkpoints that resume exactly and are never loaded half-written.
+
+Layout: <run.dir>/checkpoints/step_NNNNNN/ holds
+    shards/            every engine's model + optimizer shards (parallel.checkpoint)
+    train_state.pt     step, stage state (data position), LR schedulers, layout
+    rng/rank_NNNNN.pt  each rank's RNG states (python, numpy, torch, megatron tracker)
+    config.yaml        the resolved config that wrote it
+    manifest.json      size and CRC32 of every file above, written last
+and <run.dir>/checkpoints/latest names the newest complete one.
+
+Commit protocol: everything is written into `.tmp_step_NNNNNN/`; each rank checksums and
+fsyncs the files it wrote; all ranks agree (a collective) that their part is done; rank 0
+writes the manifest, renames the directory into place and then rewrites `latest`
+atomically (temp file, fsync, rename, fsync of the directory). A directory without its
+manifest, or any `.tmp_*` directory, is never loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from trainer.runtime import RunContext
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted; the message names the file."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def file_crc(path: Path, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# -- RNG --------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- integrity --------------------------------------------------------------------------
+def _files_of_rank(directory: Path, rank: int, world: int) -> list[Path]:
+    """The files this rank checksums: torch_dist writes `__<rank>_<n>.distcp`; the rest
+    (metadata, common state, train state) are rank 0's. RNG files belong to their rank."""
+    mine = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory)
+        owner = 0
+        match = re.match(r"^__(\d+)_\d+\.distcp$", path.name) or re.match(r"^rank_(\d+)\.pt$", path.name)
+        if match:
+            owner = int(match.group(1)) % world
+        if owner == rank and rel.name != MANIFEST:
+            mine.append(path)
+    return mine
+
+
+def _describe(directory: Path, files: list[Path]) -> dict[str, dict[str, int]]:
+    out = {}
+    for path in files:
+        _fsync_file(path)
+        out[str(path.relative_to(directory))] = {"size": path.stat().st_size, "crc32": file_crc(path)}
+    return out
+
+
+def verify(directory: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """Problems with a checkpoint directory, each naming its file. Each rank checks its
+    share of the files (round robin); callers gather the lists."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{manifest_path}: missing (the checkpoint was never committed)"]
+    try:
+        manifest = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return [f"{manifest_path}: unreadable manifest ({exc})"]
+    problems = []
+    for index, (rel, expected) in enumerate(sorted(manifest.items())):
+        if index % world != rank:
+            continue
+        path = directory / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != expected["size"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {expected['size']} (truncated?)")
+        elif file_crc(path) != expected["crc32"]:
+            problems.append(f"{path}: checksum mismatch (corrupt)")
+    return problems
+
+
+def _gather_problems(directory: Path) -> list[str]:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = verify(directory, rank, world)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return [p for part in gathered for p in part]
+
+
+@dataclass
+class Resume:
+    directory: Path
+    step: int
+    full_state: bool
+
+
+class Checkpointer:
+    """Saves and finds checkpoints of one run; every method is collective (all ranks)."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg.ckpt
+        self.root = ctx.run_dir / "checkpoints"
+        self.last_saved_step: Optional[int] = None
+        self._queue: Any = None
+        if ctx.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp_step_*"):
+                shutil.rmtree(stale, ignore_errors=True)  # a save killed before its commit
+        ctx.barrier()
+
+    # -- discovery ------------------------------------------------------------------------
+    def complete_steps(self) -> list[int]:
+        steps = []
+        for path in self.root.iterdir() if self.root.is_dir() else []:
+            match = STEP_DIR.match(path.name)
+            if match and (path / MANIFEST).is_file():
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def latest(self) -> Optional[Path]:
+        """The directory `latest` names, or None for a fresh run. Garbage in `latest` is an
+        error naming the file, never a silent restart from scratch."""
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None
+        name = pointer.read_text().strip()
+        if not STEP_DIR.match(name) or not (self.root / name).is_dir():
+            raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory "
+                                  f"in {self.root}")
+        return self.root / name
+
+    def choose(self, directory: Path) -> Path:
+        """`directory` if it verifies; else (with ckpt.fallback) the newest older complete
+        checkpoint that does; else an error naming the bad files."""
+        problems = _gather_problems(directory)
+        if not problems:
+            return directory
+        if self.cfg.fallback:
+            step = int(STEP_DIR.match(directory.name).group(1))  # type: ignore[union-attr]
+            for older in reversed([s for s in self.complete_steps() if s < step]):
+                candidate = self.root / step_dir_name(older)
+                if not _gather_problems(candidate):
+                    if self.ctx.is_main:
+                        print(f"[chatforge] checkpoint {directory} is damaged ({problems[0]}); "
+                              f"falling back to {candidate} (ckpt.fallback=true)", flush=True)
+                    return candidate
+        raise CheckpointError("damaged checkpoint: " + "; ".join(problems[:5]) +
+                              ("" if self.cfg.fallback else " (set ckpt.fallback=true to use the "
+                               "previous complete checkpoint)"))
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(self, step: int, engines: dict[str, Any], stage_state: dict[str, Any]) -> None:
+        """Write and commit the checkpoint of `step` (async: commit when the writes end)."""
+        from parallel.checkpoint import save_engines
+
+        self.wait()
+        if step == self.last_saved_step or (self.root / step_dir_name(step) / MANIFEST).exists():
+            return
+        tmp = self.root / f".tmp_{step_dir_name(step)}"
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "shards").mkdir(parents=True)
+        self.ctx.barrier()
+        request = save_engines(engines, tmp / "shards", async_save=bool(self.cfg.async_save))
+        self._write_states(tmp, step, engines, stage_state)
+        commit: Callable[[], None] = lambda: self._commit(tmp, step)
+        if request is None:
+            commit()
+            return
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        request.add_finalize_fn(commit)
+        if self._queue is None:
+            self._queue = AsyncCallsQueue()
+        self._queue.schedule_async_request(request)
+        self.last_saved_step = step
+
+    def _write_states(self, tmp: Path, step: int, engines: dict[str, Any], stage_state: dict[str, Any]) -> None:
+        topo = self.ctx.topo
+        _torch_save(rng_state(), tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
+        if self.ctx.is_main:
+            train_state = {
+                "step": step,
+                "stage": stage_state,
+                "schedulers": {name: e.scheduler.state_dict() for name, e in engines.items()
+                               if e.scheduler is not None},
+                "layout": {"world": topo.world_size, "tp": topo.tp, "pp": topo.pp, "dp": topo.dp},
+            }
+            _torch_save(train_state, tmp / "train_state.pt")
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.ctx.cfg, resolve=True))
+
+    def _commit(self, tmp: Path, step: int) -> None:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        self.ctx.barrier()  # every rank's files exist before anyone lists them
+        described = _describe(tmp, _files_of_rank(tmp, rank, world))
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, described)  # the agreement: all parts are done
+        if self.ctx.is_main:
+            files = {k: v for part in gathered for k, v in part.items()}
+            manifest = {"step": step, "files": files}
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            final = self.root / step_dir_name(step)
+            shutil.rmtree(final, ignore_errors=True)  # an uncommitted leftover of this step
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            atomic_write_text(self.root / "latest", final.name + "\n")
+            self._apply_retention(step)
+        self.last_saved_step = step
+        self.ctx.barrier()
+
+    def _apply_retention(self, newest: int) -> None:
+        keep_last, every = int(self.cfg.keep), int(self.cfg.keep_every)
+        steps = self.complete_steps()
+        keep = set(steps[-max(keep_last, 1):]) | {newest}
+        if every > 0:
+            keep |= {s for s in steps if s % every == 0}
+        for step in steps:
+            if step not in keep:
+                shutil.rmtree(self.root / step_dir_name(step), ignore_errors=True)
+
+    def poll(self) -> None:
+        """Commit async saves that have finished (non-blocking; collective)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until pending async saves are written and committed; a failure in the
+        background is raised here."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        self.wait()
+        if self._queue is not None:
+            self._queue.close()
+            self._queue = None
+
+    # -- loading --------------------------------------------------------------------------
+    def find_resume(self) -> Optional[Resume]:
+        """This run's own `latest` (full state), else `ckpt.load` (weights or full state)."""
+        own = self.latest()
+        if own is not None:
+            chosen = self.choose(own)
+            return Resume(chosen, _step_of(chosen), full_state=True)
+        if self.cfg.load:
+            chosen = self.choose(resolve_load_path(Path(self.cfg.load)))
+            return Resume(chosen, _step_of(chosen), full_state=self.cfg.load_state == "full")
+        return None
+
+    def load(self, resume: Resume, engines: dict[str, Any], stage: Any) -> int:
+        """Restore engines (and, for a full-state resume, everything else); return the step
+        to continue from."""
+        from parallel.checkpoint import load_engines
+
+        load_engines(engines, resume.directory / "shards", with_optimizer=resume.full_state)
+        if not resume.full_state:
+            return 0
+        state = torch.load(resume.directory / "train_state.pt", weights_only=False)
+        for name, scheduler_state in state["schedulers"].items():
+            engines[name].scheduler.load_state_dict(scheduler_state)
+        stage.load_state_dict(state["stage"])
+        self._restore_rng(resume.directory, state["layout"])
+        self.last_saved_step = state["step"]
+        return int(state["step"])
+
+    def _restore_rng(self, directory: Path, layout: dict[str, int]) -> None:
+        topo = self.ctx.topo
+        same = layout == {"world": topo.world_size, "tp": topo.tp, "pp": topo.pp, "dp": topo.dp}
+        path = directory / "rng" / f"rank_{dist.get_rank():05d}.pt"
+        if same and path.is_file():
+            set_rng_state(torch.load(path, weights_only=False))
+        elif self.ctx.is_main:
+            print(f"[chatforge] layout changed since the checkpoint ({layout}); RNG streams "
+                  "restart from the seed", flush=True)
+
+
+def _step_of(directory: Path) -> int:
+    match = STEP_DIR.match(directory.name)
+    if not match:
+        raise CheckpointError(f"{directory}: not a step_NNNNNN checkpoint directory")
+    return int(match.group(1))
+
+
+def resolve_load_path(path: Path) -> Path:
+    """`ckpt.load` may name a run dir, its checkpoints/ dir, or one step_NNNNNN dir."""
+    path = path.expanduser().resolve()
+    if not path.exists():
+        raise CheckpointError(f"ckpt.load={path}: does not exist (refusing to start from random weights)")
+    for root in (path / "checkpoints", path):
+        pointer = root / "latest"
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            if not STEP_DIR.match(name) or not (root / name).is_dir():
+                raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory")
+            return root / name
+    if STEP_DIR.match(path.name):
+        return path
+    raise CheckpointError(f"ckpt.load={path}: no checkpoint found (no latest file, not a step_NNNNNN dir)")
