@@ -112,7 +112,9 @@ def load_engines(engines: dict[str, Engine], directory: Path, with_optimizer: bo
     loaded = dist_checkpointing.load(state, str(directory))
     for name, engine in engines.items():
         engine.module.load_state_dict(loaded[name]["model"])
-        if "optimizer" in loaded[name]:
+        # `loaded` also holds the checkpoint's common (non-tensor) state, so an "optimizer"
+        # entry can be there even when only the weights were asked for.
+        if with_optimizer and engine.trainable:
             engine.optimizer.load_state_dict(loaded[name]["optimizer"])
             _unshare_steps(engine)
         elif engine.trainable and hasattr(engine.optimizer, "reload_model_params"):

@@ -1,0 +1,152 @@
+"""Checkpoints: exact resume, resharding to other layouts, stop signals, corruption.
+
+The kill-during-save trials live in test_checkpoint_kill.py."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import REPO, read_metrics, run_trainer, write_config
+
+pytestmark = pytest.mark.dist
+
+BASE: dict[str, Any] = {
+    "logger": "none", "seed": 3,
+    "model": {"num_layers": 2, "seq_length": 64},
+    "train": {"steps": 10, "global_batch": 8, "micro_batch": 2, "eval_every": 0},
+    "optim": {"lr": 3e-3, "warmup_steps": 2},
+    "data": {"embedded": {"num_docs": 300}},
+    "parallel": {"distributed_optimizer": True},
+}
+
+
+def _config(**sections: dict[str, Any]) -> dict[str, Any]:
+    cfg = copy.deepcopy(BASE)
+    for key, values in sections.items():
+        cfg.setdefault(key, {}).update(values)
+    return cfg
+
+
+def _spawn(run_dir: Path, overrides: dict[str, Any], world: int, timeout: float = 600) -> int:
+    from launcher.local import run_local
+
+    path = write_config(run_dir, overrides)
+    return run_local([sys.executable, "-m", "trainer", str(path)], world, run_dir,
+                     env_extra={"PYTHONPATH": str(REPO)}, threads=1)
+
+
+@pytest.mark.parametrize("world, tp, pp", [(2, 1, 1), (4, 2, 2)], ids=["tp1_dp2", "tp2pp2"])
+def test_exact_resume_is_bitwise(tmp_path: Path, world: int, tp: int, pp: int) -> None:
+    """N steps straight versus N/2, stop, rerun the same command, N/2: identical bits."""
+    layout = {"distributed_optimizer": True, "tp": tp, "pp": pp}
+    straight = run_trainer(tmp_path / "straight", _config(parallel=layout), world_size=world)
+    halves = _config(parallel=layout, train={"exit_interval": 5})
+    first = run_trainer(tmp_path / "halves", halves, world_size=world)
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5]
+    resumed = run_trainer(tmp_path / "halves", halves, world_size=world)
+    assert [r["step"] for r in resumed] == list(range(1, 11))
+    for a, b in zip(straight, resumed):
+        assert (a["step"], a["loss"], a["grad_norm"], a["lr"]) == (b["step"], b["loss"], b["grad_norm"], b["lr"])
+        # The same samples in the same order: the data position continues exactly.
+        assert a["consumed_samples"] == b["consumed_samples"] == 8 * a["step"]
+    log = (tmp_path / "halves" / "logs" / "rank_0.log").read_text()
+    assert "continuing at step 5" in log
+
+
+@pytest.fixture(scope="module")
+def tp2pp2_source(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A TP2xPP2 run stopped at step 5 (the checkpoint to reshard) and the same run carried
+    on to step 25 at its own layout (what every other layout must reproduce)."""
+    root = tmp_path_factory.mktemp("reshard")
+    cfg = _config(parallel={"tp": 2, "pp": 2}, train={"steps": 25, "exit_interval": 5})
+    run_trainer(root / "src", cfg, world_size=4)
+    checkpoint = root / "src" / "checkpoints" / "step_000005"
+    assert (checkpoint / "manifest.json").is_file()
+    cont = _config(parallel={"tp": 2, "pp": 2}, train={"steps": 25},
+                   ckpt={"load": str(checkpoint), "load_state": "full"})
+    reference = run_trainer(root / "cont", cont, world_size=4)
+    return {"root": root, "checkpoint": checkpoint, "reference": reference}
+
+
+def _logits(run_dir: Path, checkpoint: Path, parallel: dict[str, Any], world: int) -> torch.Tensor:
+    from launcher.local import run_local
+
+    path = write_config(run_dir, _config(parallel=parallel))
+    out = run_dir / "logits.pt"
+    code = run_local([sys.executable, "-m", "tests.dist.logits_worker", str(path), str(checkpoint), str(out)],
+                     world, run_dir, env_extra={"PYTHONPATH": str(REPO)}, threads=1)
+    assert code == 0, f"logits worker failed; see {run_dir}/logs"
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 1), (1, 2), (2, 1)], ids=["tp1pp1", "tp1pp2", "tp2pp1"])
+def test_reshard_tp2pp2_checkpoint(tp2pp2_source: dict[str, Any], tp: int, pp: int) -> None:
+    root, checkpoint = tp2pp2_source["root"], tp2pp2_source["checkpoint"]
+    world = tp * pp
+    name = f"tp{tp}pp{pp}"
+    original = _logits(root / "logits_tp2pp2", checkpoint, {"tp": 2, "pp": 2}, 4) \
+        if not (root / "logits_tp2pp2" / "logits.pt").exists() else torch.load(root / "logits_tp2pp2" / "logits.pt")
+    here = _logits(root / f"logits_{name}", checkpoint, {"tp": tp, "pp": pp}, world)
+    assert here.shape == original.shape
+    torch.testing.assert_close(here, original, rtol=0, atol=1e-5)
+    # Model and optimizer state at the new layout: 20 more steps track the original layout.
+    cfg = _config(parallel={"tp": tp, "pp": pp}, train={"steps": 25},
+                  ckpt={"load": str(checkpoint), "load_state": "full"})
+    records = run_trainer(root / f"cont_{name}", cfg, world_size=world)
+    reference = tp2pp2_source["reference"]
+    assert [r["step"] for r in records] == list(range(6, 26))
+    for ours, ref in zip(records, reference):
+        assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-4), (name, ours["step"])
+
+
+def test_reshard_dp2_to_dp1(tmp_path: Path) -> None:
+    cfg = _config(train={"steps": 12, "exit_interval": 4})
+    run_trainer(tmp_path / "dp2", cfg, world_size=2)
+    checkpoint = tmp_path / "dp2" / "checkpoints" / "step_000004"
+    reference = run_trainer(tmp_path / "dp2", cfg, world_size=2)  # resumes at DP2 ...
+    reference = [r for r in reference if r["step"] > 4]
+    load = {"load": str(checkpoint), "load_state": "full"}
+    records = run_trainer(tmp_path / "dp1", _config(train={"steps": 12}, ckpt=load), world_size=1)
+    assert [r["step"] for r in records] == list(range(5, 13))
+    for ours, ref in zip(records, reference):  # ... and DP1 continues the same way
+        assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-4), ours["step"]
+        assert ours["consumed_samples"] == ref["consumed_samples"]
+
+
+def test_stop_signal_saves_same_step_on_all_ranks_and_resumes(tmp_path: Path) -> None:
+    """SIGUSR1 to one rank only: every rank stops at the same step boundary, the checkpoint
+    holds that step, the exit code asks for a requeue, and rerunning continues."""
+    run_dir = tmp_path / "run"
+    cfg = _config(train={"steps": 400})
+    path = write_config(run_dir, cfg)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    from launcher.local import free_port, rank_env
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "trainer", str(path)], cwd=REPO,
+                              env={**env, **rank_env(r, 2, port, 1, {})},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in range(2)]
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGUSR1)
+    codes = [p.wait(timeout=180) for p in procs]
+    assert codes == [75, 75], [p.stderr.read().decode()[-2000:] for p in procs]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(latest.split("_")[1])
+    assert 3 <= stopped_at < 400
+    assert read_metrics(run_dir)[-1]["step"] == stopped_at
+    rerun = _config(train={"steps": stopped_at + 2})
+    records = run_trainer(run_dir, rerun, world_size=2)
+    assert [r["step"] for r in records][-3:] == [stopped_at, stopped_at + 1, stopped_at + 2]
