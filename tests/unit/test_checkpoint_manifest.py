@@ -1,0 +1,59 @@
+"""Integrity checks of a committed checkpoint directory: each kind of damage is found and
+the message names the file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.checkpointing import MANIFEST, _describe, verify
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    directory = tmp_path / "step_000004"
+    (directory / "shards").mkdir(parents=True)
+    (directory / "shards" / "__0_0.distcp").write_bytes(bytes(range(256)) * 40)
+    (directory / "shards" / "__1_0.distcp").write_bytes(b"x" * 5000)
+    (directory / "train_state.pt").write_bytes(b"state")
+    files = _describe(directory, sorted(p for p in directory.rglob("*") if p.is_file()))
+    (directory / MANIFEST).write_text(json.dumps({"step": 4, "files": files}))
+    return directory
+
+
+def test_intact_checkpoint_verifies(checkpoint: Path) -> None:
+    assert verify(checkpoint) == []
+
+
+def test_flipped_byte_is_named(checkpoint: Path) -> None:
+    shard = checkpoint / "shards" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[1234] ^= 0x01
+    shard.write_bytes(bytes(data))
+    problems = verify(checkpoint)
+    assert len(problems) == 1 and str(shard) in problems[0] and "checksum" in problems[0]
+
+
+def test_truncated_file_is_named(checkpoint: Path) -> None:
+    shard = checkpoint / "shards" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    problems = verify(checkpoint)
+    assert len(problems) == 1 and str(shard) in problems[0] and "truncated" in problems[0]
+
+
+def test_missing_shard_is_named(checkpoint: Path) -> None:
+    shard = checkpoint / "shards" / "__1_0.distcp"
+    shard.unlink()
+    assert verify(checkpoint) == [f"{shard}: missing"]
+
+
+def test_uncommitted_directory_is_refused(checkpoint: Path) -> None:
+    (checkpoint / MANIFEST).unlink()
+    assert "never committed" in verify(checkpoint)[0]
+
+
+def test_ranks_split_the_work(checkpoint: Path) -> None:
+    (checkpoint / "train_state.pt").write_bytes(b"STATE")  # same size, other bytes
+    found = verify(checkpoint, 0, 2) + verify(checkpoint, 1, 2)
+    assert len(found) == 1 and "train_state.pt" in found[0]
