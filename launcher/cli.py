@@ -5,8 +5,9 @@ work as Hydra users expect), but only after a preflight that composes and valida
 sweep point with Hydra's compose API: a bad option or value then stops the command before
 any run directory or process exists, with one line per error on stderr and exit code 2.
 
-Subcommands: `chatforge [run] <overrides>` runs the job; `chatforge plan <overrides>`
-validates every point and prints its layout without starting anything.
+Subcommands: `chatforge [run] <overrides>` runs the job (each -m point; then a summary);
+`chatforge plan <overrides>` validates every point and prints its layout, memory and cost
+without starting anything; `chatforge jobs | logs <run> | cancel <run>` manage SLURM runs.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from launcher.local import run_local
 from launcher.schema import CONF_DIR, register_schema
+from launcher.sweep import PointResult, summarize
 from launcher.validate import find_errors
 
 CONFIG_NAME = "config"
@@ -177,18 +179,51 @@ def _run_on_local(cfg: DictConfig, config_path: Path) -> int:
     )
 
 
-# cluster.name -> how a job with a written config is run; SLURM adds its entry here.
-BACKENDS: dict[str, Callable[[DictConfig, Path], int]] = {"local": _run_on_local}
+def _run_on_slurm(cfg: DictConfig, config_path: Path) -> int:
+    from launcher.slurm import run_on_slurm  # submitit only when SLURM is used
+
+    return run_on_slurm(cfg, config_path)
 
 
-def run_job(cfg: DictConfig) -> None:
+# cluster.name -> how a job with a written config is run (and waited for).
+BACKENDS: dict[str, Callable[[DictConfig, Path], int]] = {
+    "local": _run_on_local, "slurm": _run_on_slurm}
+
+
+def _sweep_point(cfg: DictConfig, config_path: Path, results: list[PointResult]) -> None:
+    """One -m point: run it (local) or submit it (SLURM); failures are recorded, not raised,
+    so that the other points still run and the summary reports every one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    point = PointResult(num=int(hc.job.num), overrides=list(hc.overrides.task),
+                        run_dir=Path(cfg.run.dir), sweep_dir=Path(hc.sweep.dir).absolute())
+    if cfg.cluster.name == "slurm":
+        from launcher.slurm import submit
+
+        sub = submit(cfg, config_path)
+        point.job_id = sub.job_id
+        print(f"chatforge: sweep point {point.num} submitted as job {sub.job_id}", flush=True)
+    else:
+        point.code = BACKENDS[cfg.cluster.name](cfg, config_path)
+        if point.code in (130, 143):  # Ctrl-C / SIGTERM to the launcher stops the whole sweep
+            sys.exit(point.code)
+        if point.code:
+            from launcher.slurm_task import failure_text
+
+            point.error = failure_text(Path(cfg.run.dir))
+    results.append(point)
+
+
+def run_job(cfg: DictConfig, results: Optional[list[PointResult]] = None) -> None:
     """Hydra task function: one run (or one sweep point) in its own run directory.
 
     Hydra has already created the output dir, hydra.run.dir (= run.dir) or, in a sweep,
     hydra.sweep.dir/hydra.sweep.subdir (= <run.dir>/<job num>); it becomes this job's run.dir.
-    Exits with the job's code on failure, which also stops a sweep (Hydra's behaviour for a
-    failing job)."""
+    A single run exits with the job's code on failure; a sweep point records its outcome in
+    `results` for the summary."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     cfg = copy.deepcopy(cfg)
     cfg.run.dir = str(Path(HydraConfig.get().runtime.output_dir).absolute())
@@ -196,6 +231,9 @@ def run_job(cfg: DictConfig) -> None:
     if errors:
         sys.exit(_fail([str(error) for error in errors]))
     config_path = write_resolved_config(cfg, Path(cfg.run.dir))
+    if HydraConfig.get().mode == RunMode.MULTIRUN and results is not None:
+        _sweep_point(cfg, config_path, results)
+        return
     code = BACKENDS[cfg.cluster.name](cfg, config_path)
     if code:
         sys.exit(code)
@@ -220,23 +258,36 @@ def _points(args: argparse.Namespace) -> tuple[list[Point], list[str]]:
 
 
 def run_command(argv: list[str]) -> int:
-    """Default command: preflight every point, then let Hydra run them."""
+    """Default command: preflight every point, then run the one job, or let Hydra's sweeper
+    run every point of a -m sweep (and summarize them)."""
     import hydra
 
     args = _parse(argv)
     register_schema()  # also needed by --help/--cfg, which skip the preflight
     if _runs_jobs(args):
-        _, errors = _points(args)
+        points, errors = _points(args)
         if errors:
             return _fail(errors)
+        if not args.multirun:
+            # The preflight already composed the one job exactly as hydra.main would (same
+            # overrides, same search path): run it without composing twice (~0.5 s).
+            config_path = write_resolved_config(points[0].cfg, points[0].run_dir)
+            return BACKENDS[points[0].cfg.cluster.name](points[0].cfg, config_path)
     sys.argv = [sys.argv[0], *argv]  # hydra.main parses sys.argv itself
-    hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")(run_job)()
-    return 0
+    results: list[PointResult] = []
+
+    def task(cfg: DictConfig) -> None:
+        run_job(cfg, results)
+
+    hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")(task)()
+    return summarize(results) if args.multirun and _runs_jobs(args) else 0
 
 
 def plan_command(argv: list[str]) -> int:
-    """Validate every point and print its layout; starts nothing, writes nothing.
-    (A later issue adds memory estimates and the SLURM script to this output.)"""
+    """Validate every point and print its resolved config, rank layout, memory per device,
+    time and cost (and, for SLURM, the batch script); submits nothing, writes nothing."""
+    from launcher.plan import format_plan
+
     args = _parse(argv)
     points, errors = _points(args)
     if errors:
@@ -245,14 +296,39 @@ def plan_command(argv: list[str]) -> int:
         cfg = point.cfg
         world = world_size(cfg)
         dp = world // (cfg.parallel.tp * cfg.parallel.pp)
-        print(f"point {index}: run.dir={point.run_dir} stage={cfg.stage.name} "
+        print(f"# point {index}: run.dir={point.run_dir} stage={cfg.stage.name} "
               f"model={cfg.model.name} cluster={cfg.cluster.name} world={world} "
               f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={dp} "
               f"overrides=[{' '.join(point.overrides)}]")
+        print("## resolved config\n" + OmegaConf.to_yaml(cfg, resolve=True).rstrip())
+        print("## plan\n" + format_plan(cfg))
+        if cfg.cluster.name == "slurm":
+            from launcher.slurm import sbatch_script
+
+            print("## sbatch script (submitit writes it at submission)\n" + sbatch_script(cfg))
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"run": run_command, "plan": plan_command}
+def _jobs(argv: list[str]) -> int:
+    from launcher.jobs import jobs_command
+
+    return jobs_command(argv)
+
+
+def _logs(argv: list[str]) -> int:
+    from launcher.jobs import logs_command
+
+    return logs_command(argv)
+
+
+def _cancel(argv: list[str]) -> int:
+    from launcher.jobs import cancel_command
+
+    return cancel_command(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "run": run_command, "plan": plan_command, "jobs": _jobs, "logs": _logs, "cancel": _cancel}
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "wandb.mode": ("auto", "offline", "online"),
     "data.format": ("embedded", "text"),
     "tokenizer.model_type": ("bpe", "unigram"),
-    # slurm joins once the SLURM backend lands.
-    "cluster.name": ("local",),
+    "ckpt.load_state": ("weights", "full"),
+    "cluster.name": ("local", "slurm"),
 }
 
 # Integer sizes that must be >= 1 (anything else would divide by zero or mean nothing).
@@ -195,6 +195,10 @@ def find_errors(cfg: DictConfig | Any) -> list[ConfigError]:
     for check, needs in dependent:
         if not _bad_keys(errors) & set(needs):
             errors.extend(check(cfg))
+    if "cluster.name" not in _bad_keys(errors):
+        from launcher.validate_cluster import find_cluster_errors  # imports this module
+
+        errors.extend(find_cluster_errors(cfg, layout_ok=not _bad_keys(errors) & set(LAYOUT_KEYS)))
     return errors
 
 

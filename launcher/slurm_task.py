@@ -1,0 +1,189 @@
+"""What runs in each SLURM task (one per rank): the trainer, then the requeue decision.
+
+The batch script (written and submitted by submitit) runs `srun ... python -u -m
+launcher.slurm_task <run.dir>/logs/slurm` once per task. This entry reads task.json there
+(not submitit's pickle: importing submitit, cloudpickle and numpy on every rank cost about a
+second before the trainer even starts) and runs TrainerTask, which starts
+`python -m trainer <run-dir>/config.yaml` with SLURM's environment
+(the trainer derives its rank and rendezvous from SLURM_*), copies its output to
+<run.dir>/logs/rank_N.log, and when the trainer exits with EXIT_REQUEUE after a signal,
+global rank 0 requeues the job. Torch-free: it runs before (and around) the trainer.
+
+Signals: Slurm delivers USR1 (cluster.signal_seconds before the time limit, or
+`scancel --signal=USR1`) and SIGTERM (preemption, scancel) to every process of the step,
+the trainer included, so this wrapper records them and does not forward them (forwarding
+would deliver each one twice).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+# EX_TEMPFAIL: the trainer saved a checkpoint after a stop signal; run it again. Torch-free.
+from trainer.exitcodes import EXIT_REQUEUE
+
+TIMEOUT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+TAIL_LINES = 40
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    """The traceback of a failed rank if its log has one, else its last lines."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no log at {path})"
+    # torch prefixes a rank's lines ("[rank0]: Traceback ..."), so look inside lines.
+    starts = [i for i, line in enumerate(text) if "Traceback (most recent call" in line]
+    if starts:
+        first = starts[-1]
+        # Walk back over chained exceptions ("The above exception was the direct cause ...").
+        for prev in reversed(starts[:-1]):
+            if not any("direct cause" in line or "During handling" in line
+                       for line in text[max(prev, first - 3):first]):
+                break
+            first = prev
+        report = text[first:]
+        if len(report) > 3 * lines:  # keep where it started and how it ended
+            report = report[:10] + ["..."] + report[-(3 * lines - 10):]
+        return "\n".join(report)
+    return "\n".join(text[-lines:])
+
+
+def failure_text(run_dir: Path) -> str:
+    """The traceback of the first rank whose log has one (else rank 0's tail)."""
+    logs = sorted((run_dir / "logs").glob("rank_*.log"),
+                  key=lambda p: int(p.stem.split("_")[1]))
+    for path in logs:
+        tail = log_tail(path)
+        if "Traceback (most recent call" in tail:
+            return f"{path}:\n{tail}"
+    return f"{logs[0]}:\n{log_tail(logs[0])}" if logs else f"(no rank logs in {run_dir}/logs)"
+
+
+def requeue_log(run_dir: Path) -> Path:
+    return run_dir / "logs" / "slurm" / "requeues.jsonl"
+
+
+def requeue_records(run_dir: Path) -> list[dict[str, object]]:
+    path = requeue_log(run_dir)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _tee(pipe: IO[bytes], log: IO[bytes]) -> None:
+    out = sys.stdout.buffer
+    for chunk in iter(lambda: pipe.read1(65536), b""):  # type: ignore[attr-defined]
+        log.write(chunk)
+        log.flush()
+        out.write(chunk)
+        out.flush()
+
+
+@dataclass
+class TrainerTask:
+    """Picklable (submitit sends it to the nodes); one instance serves every task."""
+
+    config_path: str
+    run_dir: str
+    threads: int = 1
+    max_requeues: int = 3
+    python: str = field(default_factory=lambda: sys.executable)
+
+    def __call__(self) -> int:
+        rank = int(os.environ.get("SLURM_PROCID", "0"))
+        received: list[int] = []
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: received.append(signum))
+        code = self._run_trainer(rank)
+        return self._finish(rank, code, received)
+
+    def _run_trainer(self, rank: int) -> int:
+        env = dict(os.environ)
+        env.update(OMP_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1")
+        log_path = Path(self.run_dir) / "logs" / f"rank_{rank}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            job, restarts = os.environ.get("SLURM_JOB_ID", "?"), os.environ.get(
+                "SLURM_RESTART_COUNT", "0")
+            log.write(f"== chatforge: job {job} restart {restarts} rank {rank} on "
+                      f"{socket.gethostname()} at {time.strftime('%F %T')}\n".encode())
+            log.flush()
+            proc = subprocess.Popen([self.python, "-m", "trainer", self.config_path],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, env=env)
+            assert proc.stdout is not None
+            tee = threading.Thread(target=_tee, args=(proc.stdout, log), daemon=True)
+            tee.start()
+            while True:
+                try:
+                    code = proc.wait()
+                    break
+                except InterruptedError:  # a recorded signal; keep waiting for the trainer
+                    continue
+            tee.join(timeout=10)
+        return code if code >= 0 else 128 - code
+
+    def _finish(self, rank: int, code: int, received: list[int]) -> int:
+        """The task's exit code; raises with the trainer's traceback when it failed."""
+        run_dir = Path(self.run_dir)
+        if code == 0:
+            return 0
+        log = run_dir / "logs" / f"rank_{rank}.log"
+        if code != EXIT_REQUEUE:
+            raise RuntimeError(f"rank {rank} on {socket.gethostname()}: the trainer exited with "
+                               f"code {code}; last lines of {log}:\n{log_tail(log)}")
+        if rank != 0:
+            return 0  # rank 0 decides; a clean exit keeps srun from killing it first
+        reason = "timeout" if any(s in TIMEOUT_SIGNALS for s in received) else "preemption"
+        job = os.environ.get("SLURM_JOB_ID", "")
+        timeouts = sum(1 for r in requeue_records(run_dir)
+                       if r.get("reason") == "timeout" and str(r.get("job")) == job)
+        if reason == "timeout" and timeouts >= self.max_requeues:
+            raise RuntimeError(f"time limit reached {timeouts + 1} times; cluster.max_requeues="
+                               f"{self.max_requeues}: not requeued. The checkpoint is in "
+                               f"{run_dir}/checkpoints; rerun the same command to resume.")
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if done.returncode != 0:
+            # A cancelled job cannot be requeued: that is the user's scancel, not a failure.
+            raise RuntimeError(f"stopped after a checkpoint; not requeued ({reason}): "
+                               f"scontrol requeue {job}: {done.stderr.strip()}")
+        # Recorded only once requeued (a cancelled run is not a timeout to count); SLURM now
+        # stops this job, with KillWait seconds to spare for these few bytes.
+        record = {"job": job, "reason": reason, "time": time.time(),
+                  "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+                  "signals": [signal.Signals(s).name for s in received]}
+        path = requeue_log(run_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        print(f"chatforge: job {job} requeued ({reason}); it resumes from the checkpoint",
+              flush=True)
+        # Not a return: submitit would record a result and the requeued run would look done.
+        os._exit(EXIT_REQUEUE)
+
+
+TASK_FILE = "task.json"
+
+
+def main(argv: list[str]) -> int:
+    """`python -m launcher.slurm_task <folder>`: run this task's rank from <folder>/task.json."""
+    spec = json.loads((Path(argv[0]) / TASK_FILE).read_text())
+    try:
+        return TrainerTask(**spec)()
+    except RuntimeError as error:
+        print(f"chatforge: {error}", flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
