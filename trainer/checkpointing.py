@@ -319,10 +319,15 @@ class Checkpointer:
         if self._queue is not None:
             self._queue.maybe_finalize_async_calls(blocking=True)
 
-    def close(self) -> None:
-        self.wait()
+    def close(self, clean: bool = True) -> None:
+        """After a clean run, wait for pending saves. Always join the writer-service warm-up:
+        a Manager half-started when the interpreter exits leaves a child that exit joins
+        forever."""
+        self._warm.join()
+        if clean:
+            self.wait()
         if self._queue is not None:
-            self._queue.close()
+            self._queue.close(abort=not clean)
             self._queue = None
 
     # -- loading --------------------------------------------------------------------------

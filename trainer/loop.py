@@ -47,10 +47,17 @@ def _resume(ctx: RunContext, stage: Stage, checkpointer: Checkpointer) -> int:
 def run(ctx: RunContext, stage: Stage) -> int:
     """Train `stage` to train.steps, resuming from this run's latest checkpoint (or
     ckpt.load). Returns the process exit code: EXIT_REQUEUE after a stop signal."""
+    checkpointer = Checkpointer(ctx)
+    try:
+        start = _resume(ctx, stage, checkpointer)
+        return _train(ctx, stage, checkpointer, start)
+    finally:
+        checkpointer.close(clean=False)  # no-op after a clean run (already closed)
+
+
+def _train(ctx: RunContext, stage: Stage, checkpointer: Checkpointer, start: int) -> int:
     cfg = ctx.cfg
     total, every = int(cfg.train.steps), int(cfg.ckpt.every)
-    checkpointer = Checkpointer(ctx)
-    start = _resume(ctx, stage, checkpointer)
     logger = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, logger=str(cfg.logger),
                            wandb_cfg=cfg.wandb, config=config_dict(cfg), total_steps=total,
                            start_step=start)

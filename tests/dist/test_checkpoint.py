@@ -150,3 +150,68 @@ def test_stop_signal_saves_same_step_on_all_ranks_and_resumes(tmp_path: Path) ->
     rerun = _config(train={"steps": stopped_at + 2})
     records = run_trainer(run_dir, rerun, world_size=2)
     assert [r["step"] for r in records][-3:] == [stopped_at, stopped_at + 1, stopped_at + 2]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A single-process run with checkpoints at steps 4 and 8 (latest = step 8)."""
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    run_trainer(run_dir, _config(parallel={"distributed_optimizer": False},
+                                 train={"steps": 8}, ckpt={"every": 4}))
+    return run_dir
+
+
+def _damaged_copy(saved_run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "run"
+    shutil.copytree(saved_run, target)
+    return target
+
+
+def _rerun(run_dir: Path, **ckpt: Any) -> tuple[int, str]:
+    cfg = _config(parallel={"distributed_optimizer": False}, train={"steps": 10}, ckpt={"every": 4, **ckpt})
+    code = _spawn(run_dir, cfg, world=1)
+    return code, (run_dir / "logs" / "rank_0.log").read_text()
+
+
+def _shard(run_dir: Path, step: int) -> Path:
+    return sorted((run_dir / "checkpoints" / f"step_{step:06d}" / "shards").glob("*.distcp"))[0]
+
+
+def test_flipped_byte_stops_before_training(saved_run: Path, tmp_path: Path) -> None:
+    run_dir = _damaged_copy(saved_run, tmp_path)
+    shard = _shard(run_dir, 8)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    lines_before = len(read_metrics(run_dir))
+    code, log = _rerun(run_dir)
+    assert code == 2
+    assert f"{shard}: checksum mismatch" in log
+    assert len(read_metrics(run_dir)) == lines_before  # not one step was trained
+
+
+def test_garbage_in_latest_names_the_file(saved_run: Path, tmp_path: Path) -> None:
+    run_dir = _damaged_copy(saved_run, tmp_path)
+    latest = run_dir / "checkpoints" / "latest"
+    latest.write_text("\x00\x17garbage")
+    code, log = _rerun(run_dir)
+    assert code == 2
+    assert f"{latest}: names" in log
+
+
+def test_fallback_to_previous_complete_checkpoint(saved_run: Path, tmp_path: Path) -> None:
+    run_dir = _damaged_copy(saved_run, tmp_path)
+    _shard(run_dir, 8).unlink()  # the newest checkpoint lost a shard
+    code, log = _rerun(run_dir, fallback=True)
+    assert code == 0, log[-3000:]
+    assert "falling back to" in log and "continuing at step 4" in log
+    assert [r["step"] for r in read_metrics(run_dir)][-6:] == [5, 6, 7, 8, 9, 10]
+
+
+def test_missing_ckpt_load_is_an_error_not_random_init(tmp_path: Path) -> None:
+    cfg = _config(ckpt={"load": str(tmp_path / "nowhere")})
+    code = _spawn(tmp_path / "run", cfg, world=1)
+    log = (tmp_path / "run" / "logs" / "rank_0.log").read_text()
+    assert code == 2 and "does not exist" in log and not (tmp_path / "run" / "metrics.jsonl").exists()
