@@ -61,6 +61,11 @@ def _setup(args: argparse.Namespace, run_dir: Path) -> tuple[Any, Any]:
     from parallel.checkpoint import ensure_optimizer_state
 
     ensure_optimizer_state(engine)
+    import torch
+
+    for state in engine.optimizer.optimizer.state.values():
+        # As after a first optimizer step (megatron drops a falsy step 0 from checkpoints).
+        state["step"] = torch.tensor(1.0)
     return ctx, engine
 
 
