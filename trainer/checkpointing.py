@@ -174,10 +174,22 @@ class Resume:
 def _start_writer_service() -> None:
     """Megatron's torch_dist writer collects results through a multiprocessing Manager that
     it starts (spawn) on the first save, about 2-5 s. Start it now, in the background, so
-    that it overlaps model building instead of stalling the first save."""
+    that it overlaps model building instead of stalling the first save.
+
+    SLURM sends SIGUSR1/SIGTERM to every process of the job step; the Manager would die of
+    them, and the very save those signals ask for would then fail. The blocked mask of this
+    thread is inherited by the Manager's process (fork + exec keep it), so it ignores them
+    (SIGKILL still ends it)."""
+    import signal
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    filesystem_async._get_write_results_queue()
+    blocked = {signal.SIGTERM, signal.SIGUSR1}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class Checkpointer:
