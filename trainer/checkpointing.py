@@ -311,11 +311,8 @@ class Checkpointer:
         self.ctx.barrier()
 
     def _apply_retention(self, newest: int) -> None:
-        keep_last, every = int(self.cfg.keep), int(self.cfg.keep_every)
         steps = self.complete_steps()
-        keep = set(steps[-max(keep_last, 1):]) | {newest}
-        if every > 0:
-            keep |= {s for s in steps if s % every == 0}
+        keep = retained(steps, newest, int(self.cfg.keep), int(self.cfg.keep_every))
         for step in steps:
             if step not in keep:
                 shutil.rmtree(self.root / step_dir_name(step), ignore_errors=True)
@@ -379,6 +376,15 @@ class Checkpointer:
         elif self.ctx.is_main:
             print(f"[chatforge] layout changed since the checkpoint ({layout}); RNG streams "
                   "restart from the seed", flush=True)
+
+
+def retained(steps: list[int], newest: int, keep_last: int, keep_every: int) -> set[int]:
+    """Which complete checkpoints survive: the newest `keep_last` (at least one), every step
+    divisible by `keep_every` (if > 0), and always the one just written."""
+    keep = set(sorted(steps)[-max(keep_last, 1):]) | {newest}
+    if keep_every > 0:
+        keep |= {s for s in steps if s % keep_every == 0}
+    return keep
 
 
 def _step_of(directory: Path) -> int:

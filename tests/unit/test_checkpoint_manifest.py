@@ -57,3 +57,14 @@ def test_ranks_split_the_work(checkpoint: Path) -> None:
     (checkpoint / "train_state.pt").write_bytes(b"STATE")  # same size, other bytes
     found = verify(checkpoint, 0, 2) + verify(checkpoint, 1, 2)
     assert len(found) == 1 and "train_state.pt" in found[0]
+
+
+def test_retention_keeps_last_k_every_mth_and_the_newest() -> None:
+    from trainer.checkpointing import retained
+
+    steps = [10, 20, 30, 40, 50, 60]
+    assert retained(steps, 60, keep_last=2, keep_every=0) == {50, 60}
+    assert retained(steps, 60, keep_last=2, keep_every=20) == {20, 40, 50, 60}
+    assert retained(steps, 60, keep_last=0, keep_every=0) == {60}  # never the newest
+    # An older step written again (rerun) is kept even if it is not among the last K.
+    assert 30 in retained(steps, 30, keep_last=1, keep_every=0)
