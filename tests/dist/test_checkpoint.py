@@ -215,3 +215,21 @@ def test_missing_ckpt_load_is_an_error_not_random_init(tmp_path: Path) -> None:
     code = _spawn(tmp_path / "run", cfg, world=1)
     log = (tmp_path / "run" / "logs" / "rank_0.log").read_text()
     assert code == 2 and "does not exist" in log and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_async_save_commits_the_same_checkpoints(tmp_path: Path) -> None:
+    """Async saves write in the background and commit later; the run ends only after the
+    last commit, and resuming from an async checkpoint is as exact as from a sync one."""
+    from trainer.checkpointing import verify
+
+    cfg = _config(parallel={"distributed_optimizer": False}, train={"steps": 8, "exit_interval": 6},
+                  ckpt={"every": 2, "keep": 10, "async_save": True})
+    run_trainer(tmp_path / "async", cfg, world_size=2)
+    root = tmp_path / "async" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000002", "step_000004", "step_000006"]
+    assert (root / "latest").read_text().strip() == "step_000006"
+    assert all(verify(p) == [] for p in root.glob("step_*"))
+    resumed = run_trainer(tmp_path / "async", cfg, world_size=2)
+    straight = run_trainer(tmp_path / "sync", _config(parallel={"distributed_optimizer": False},
+                                                       train={"steps": 8}), world_size=2)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
