@@ -174,22 +174,21 @@ class Resume:
 def _start_writer_service() -> None:
     """Megatron's torch_dist writer collects results through a multiprocessing Manager that
     it starts (spawn) on the first save, about 2-5 s. Start it now, in the background, so
-    that it overlaps model building instead of stalling the first save.
-
-    SLURM sends SIGUSR1/SIGTERM to every process of the job step; the Manager would die of
-    them, and the very save those signals ask for would then fail. The blocked mask of this
-    thread is inherited by the Manager's process (fork + exec keep it), so it ignores them
-    (SIGKILL still ends it)."""
-    import signal
+    that it overlaps model building instead of stalling the first save; and start it so
+    that it ignores SIGTERM/SIGUSR1: SLURM sends those to every process of the job step, and
+    a Manager killed by them breaks the save they ask for (ConnectionRefusedError)."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    blocked = {signal.SIGTERM, signal.SIGUSR1}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    try:
-        filesystem_async._get_write_results_queue()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    from trainer.signals import ignore_stop_signals
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=ignore_stop_signals)
+        # The queue proxy keeps its manager alive; megatron only looks up the queue.
+        filesystem_async._results_queue = manager.Queue()
 
 
 class Checkpointer:

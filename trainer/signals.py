@@ -7,10 +7,16 @@ import signal
 import time
 from typing import Any, Optional
 
-import torch
-import torch.distributed as dist
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals() -> None:
+    """For helper processes (megatron's checkpoint-writer Manager): SLURM signals every
+    process of a job step, and a helper that died of the stop signal would break the very
+    save that signal asks for. This module stays torch-free so that a spawned helper that
+    runs this imports little."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class StopRequests:
@@ -34,6 +40,9 @@ class StopRequests:
 
     def agree(self) -> tuple[bool, bool]:
         """(signalled, out_of_time) as agreed by all ranks: any rank's request stops all."""
+        import torch
+        import torch.distributed as dist
+
         local = torch.tensor([1.0 if self.signum is not None else 0.0,
                               1.0 if self.deadline is not None and time.monotonic() > self.deadline else 0.0])
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -123,9 +123,11 @@ def test_reshard_dp2_to_dp1(tmp_path: Path) -> None:
         assert ours["consumed_samples"] == ref["consumed_samples"]
 
 
-def test_stop_signal_saves_same_step_on_all_ranks_and_resumes(tmp_path: Path) -> None:
-    """SIGUSR1 to one rank only: every rank stops at the same step boundary, the checkpoint
-    holds that step, the exit code asks for a requeue, and rerunning continues."""
+@pytest.mark.parametrize("target", ["one_rank", "whole_group"])
+def test_stop_signal_saves_same_step_on_all_ranks_and_resumes(tmp_path: Path, target: str) -> None:
+    """SIGUSR1 to one rank only, or (as SLURM does) to every process of the job including
+    helper processes: every rank stops at the same step boundary, the checkpoint holds that
+    step, the exit code asks for a requeue, and rerunning continues."""
     run_dir = tmp_path / "run"
     cfg = _config(train={"steps": 400})
     path = write_config(run_dir, cfg)
@@ -133,14 +135,21 @@ def test_stop_signal_saves_same_step_on_all_ranks_and_resumes(tmp_path: Path) ->
     from launcher.local import free_port, rank_env
 
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "trainer", str(path)], cwd=REPO,
-                              env={**env, **rank_env(r, 2, port, 1, {})},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in range(2)]
+    procs: list[subprocess.Popen] = []
+    for r in range(2):
+        # One process group for all ranks (and their helpers), like a SLURM job step.
+        group = 0 if r == 0 else procs[0].pid
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainer", str(path)], cwd=REPO,
+                                      env={**env, **rank_env(r, 2, port, 1, {})}, process_group=group,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.2)
-    procs[1].send_signal(signal.SIGUSR1)
+    if target == "one_rank":
+        procs[1].send_signal(signal.SIGUSR1)
+    else:
+        os.killpg(procs[0].pid, signal.SIGUSR1)
     codes = [p.wait(timeout=180) for p in procs]
     assert codes == [75, 75], [p.stderr.read().decode()[-2000:] for p in procs]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
