@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import IO, Callable, Optional
 
+from trainer.exitcodes import EXIT_REQUEUE  # torch-free
+
 GRACE_S = 5.0  # between the polite signal and SIGKILL
 TAIL_LINES = 30  # of the failing rank's log, printed on failure
 POLL_S = 0.05
@@ -165,14 +167,16 @@ def _start_ranks(cmd: list[str], world_size: int, log_dir: Path, env_extra: dict
 def _first_failure(procs: list[subprocess.Popen], interrupted: Callable[[], bool]
                    ) -> Optional[int]:
     """Block until every rank succeeded (None), a rank failed (its rank) or a signal came
-    (-1). Among ranks found failed in the same poll the lowest rank is named."""
+    (-1); -3 when every rank stopped with EXIT_REQUEUE (a stop signal, checkpoint saved: the
+    ranks agree on the step, so none is hurried). Among ranks found failed in the same poll
+    the lowest rank is named."""
     while not interrupted():
         codes = [proc.poll() for proc in procs]
-        failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
+        failed = [rank for rank, code in enumerate(codes) if code not in (None, 0, EXIT_REQUEUE)]
         if failed:
             return failed[0]
-        if all(code == 0 for code in codes):
-            return None
+        if all(code in (0, EXIT_REQUEUE) for code in codes):
+            return -3 if EXIT_REQUEUE in codes else None
         time.sleep(POLL_S)
     return -1
 
@@ -216,6 +220,10 @@ def run_local(cmd: list[str], world_size: int, run_dir: Path, env_extra: dict[st
     if failed == -1:
         print(f"chatforge: stopped by {signal.Signals(received[0]).name}", file=sys.stderr)
         return 128 + received[0]
+    if failed == -3:
+        print(f"chatforge: stopped after saving a checkpoint (exit {EXIT_REQUEUE}); rerun the "
+              f"same command to resume", file=sys.stderr)
+        return EXIT_REQUEUE
     code = _exit_code(procs[failed].returncode)
     path = log_dir / f"rank_{failed}.log"
     print(f"chatforge: rank {failed} failed with exit code {code}; last lines of {path}:\n"

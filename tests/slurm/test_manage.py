@@ -4,6 +4,7 @@ requeued)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from launcher.jobs import states
@@ -33,8 +34,10 @@ def test_jobs_logs_and_cancel(tmp_path: Path, slurm_env: dict[str, str]) -> None
     cancel = chatforge(["cancel", str(run_dir)], slurm_env, tmp_path)
     assert cancel.returncode == 0, cancel.stderr
     wait_until(lambda: states([job]).get(job, ("",))[0] == "CANCELLED", 60, "the cancel")
-    # The trainer saved on the way out, but the job was not requeued.
-    wait_until(lambda: any((run_dir / "checkpoints").glob("step_*")), 60, "the stop checkpoint")
+    # The trainer gets SIGTERM as on preemption (and may save within KillWait), but a
+    # cancelled job is not requeued.
+    wait_until(lambda: "restart 0 rank 0" in (run_dir / "logs/rank_0.log").read_text(), 5, "log")
+    time.sleep(8)  # longer than KillWait (5 s): any requeue would have happened by now
     assert requeue_records(run_dir) == []
     assert states([job])[job][0] == "CANCELLED"
     out = (run_dir / "logs/slurm" / f"{job}_0_log.out").read_text()

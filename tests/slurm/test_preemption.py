@@ -6,12 +6,21 @@ import json
 import subprocess
 from pathlib import Path
 
-from launcher.jobs import states
-from launcher.slurm_task import requeue_records
+from launcher.jobs import FINAL, states
+from launcher.slurm_task import failure_text, requeue_records
 from tests.slurm.conftest import chatforge, losses, wait_until
 
 RUN = ["model=tiny", "logger=none", "train.steps=150", "train.eval_every=0",
        "data.embedded.num_docs=300", "cluster.node_local_prefixes=[]"]
+
+
+def _state(job: str) -> str:
+    return states([job]).get(job, ("UNKNOWN",))[0]
+
+
+def _final_state(job: str, timeout: float = 300) -> str:
+    wait_until(lambda: _state(job) in FINAL, timeout, f"job {job} to end")
+    return _state(job)
 
 
 def _job_id(run_dir: Path) -> str:
@@ -38,7 +47,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_losses(
                         f"run.dir={run_dir}"], slurm_env, tmp_path)
     assert submit.returncode == 0, submit.stderr[-3000:]
     job = _interrupt(run_dir, slurm_env, "USR1", after_step=20)
-    wait_until(lambda: states([job]).get(job, ("",))[0] == "COMPLETED", 300, "the job to finish")
+    state = _final_state(job)
+    assert state == "COMPLETED", f"job {job} {state}:\n{failure_text(run_dir)}"
     records = requeue_records(run_dir)
     assert [r["reason"] for r in records] == ["timeout"], records  # USR1: the time-limit warning
     log = (run_dir / "logs" / "rank_0.log").read_text()
@@ -57,12 +67,14 @@ def test_preemption_always_requeues_but_timeouts_only_max_requeues_times(
                         "cluster.wait=false", f"run.dir={run_dir}"], slurm_env, tmp_path)
     assert submit.returncode == 0, submit.stderr[-3000:]
     job = _interrupt(run_dir, slurm_env, "TERM", after_step=10)  # preemption's signal
-    wait_until(lambda: len(requeue_records(run_dir)) == 1, 120, "the requeue")
+    wait_until(lambda: len(requeue_records(run_dir)) == 1 or _state(job) in FINAL, 120,
+               "the requeue")
+    assert len(requeue_records(run_dir)) == 1, f"job {job} {_state(job)}:\n{failure_text(run_dir)}"
     wait_until(lambda: "restart 1 rank 0" in (run_dir / "logs" / "rank_0.log").read_text(),
                120, "the restart")
     resumed_at = max(losses(run_dir))
     _interrupt(run_dir, slurm_env, "USR1", after_step=resumed_at + 10)  # a time limit
-    wait_until(lambda: states([job]).get(job, ("",))[0] == "FAILED", 180, "the job to stop")
+    assert _final_state(job) == "FAILED"
     assert [r["reason"] for r in requeue_records(run_dir)] == ["preemption"]
     steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert len(steps) == 2 and steps[-1] != "step_000400", steps  # saved at both signals

@@ -45,6 +45,8 @@ def only_error(cfg: DictConfig) -> ConfigError:
 
 def test_launcher_import_leaves_torch_out() -> None:
     code = ("import launcher, launcher.cli, launcher.validate, launcher.local, launcher.schema; "
+            "import launcher.slurm, launcher.slurm_task, launcher.plan, launcher.sweep; "
+            "import launcher.jobs, launcher.validate_cluster, submitit; "
             "import sys; assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
