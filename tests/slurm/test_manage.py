@@ -20,7 +20,7 @@ def test_jobs_logs_and_cancel(tmp_path: Path, slurm_env: dict[str, str]) -> None
                         f"run.dir={run_dir}"], slurm_env, tmp_path)
     assert submit.returncode == 0, submit.stderr[-3000:]
     job = str(json.loads((run_dir / "logs/slurm/job.json").read_text())["job_id"])
-    wait_until(lambda: (run_dir / "metrics.jsonl").exists() and max(losses(run_dir)) >= 3,
+    wait_until(lambda: (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 3,
                240, "training to start")
     listing = chatforge(["jobs"], slurm_env, tmp_path)
     row = next(line for line in listing.stdout.splitlines() if line.startswith(job + " "))
