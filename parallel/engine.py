@@ -8,17 +8,18 @@ reports `sum / count` on every rank (the values live on the last pipeline stage)
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import tensor_parallel
 from megatron.core.distributed import DistributedDataParallel as DDP
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import param_is_not_shared
 
 from parallel.config import ModelConfig, OptimConfig, ParallelConfig
 from parallel.groups import Topology
@@ -180,11 +181,8 @@ class Engine:
 
     def parameter_count(self) -> int:
         """Parameters of the whole model (all TP/PP shards), counted once."""
-        from megatron.core.transformer.module import param_is_not_shared
-        from megatron.core import tensor_parallel
         local = sum(p.numel() for p in self.model[0].parameters()
-                    if param_is_not_shared(p) and
-                    (tensor_parallel.param_is_not_tensor_parallel_duplicate(p) or self.topo.tp_rank == 0))
+                    if param_is_not_shared(p) and tensor_parallel.param_is_not_tensor_parallel_duplicate(p))
         total = torch.tensor([local], dtype=torch.float64)
         if dist.get_world_size() > 1:
             total = _all_reduce_cpu(total, None) / self.topo.dp
@@ -220,7 +218,3 @@ def _scheduler(optimizer: Any, optim: OptimConfig, total_steps: int) -> Optimize
         wd_incr_steps=max(decay_steps, 1),
         wd_incr_style="constant",
     )
-
-
-def is_finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))
