@@ -68,11 +68,10 @@ _PROXIED_MODULES = (
 )
 
 # Functions whose fp32 check is `tensor.type() == 'torch.cuda.FloatTensor'`; they run with
-# `_cuda_type_names` active so a CPU float tensor passes the check.
+# `_cuda_type_names` active so a CPU float tensor passes the check. The optimizer module
+# imported the function by name, so its reference is the one that matters.
 _TYPE_CHECKED_FUNCTIONS = (
-    ("megatron.core.optimizer.clip_grads", "get_grad_norm_fp32"),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
-    ("megatron.core.optimizer.optimizer", "get_grad_norm_fp32"),
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
 )
 _TYPE_CHECKED_METHODS = (

@@ -26,14 +26,18 @@ def write_config(run_dir: Path, overrides: dict[str, Any]) -> Path:
     return path
 
 
-def run_trainer(run_dir: Path, overrides: dict[str, Any], world_size: int = 1,
-                timeout_s: float = 600) -> list[dict[str, Any]]:
-    """Run `python -m trainer` in `world_size` processes; return metrics.jsonl records."""
+def spawn_trainer(run_dir: Path, overrides: dict[str, Any], world_size: int = 1) -> int:
+    """Run `python -m trainer` in `world_size` processes; return the job's exit code."""
     from launcher.local import run_local
 
     path = write_config(run_dir, overrides)
-    code = run_local([sys.executable, "-m", "trainer", str(path)], world_size, run_dir,
+    return run_local([sys.executable, "-m", "trainer", str(path)], world_size, run_dir,
                      env_extra={"PYTHONPATH": str(REPO)}, threads=1)
+
+
+def run_trainer(run_dir: Path, overrides: dict[str, Any], world_size: int = 1) -> list[dict[str, Any]]:
+    """Run the trainer (it must succeed); return its metrics.jsonl records."""
+    code = spawn_trainer(run_dir, overrides, world_size)
     assert code == 0, f"trainer failed with exit code {code}; see {run_dir}/logs"
     return read_metrics(run_dir)
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import REPO, read_metrics, run_trainer, write_config
+from tests.conftest import REPO, read_metrics, run_trainer, spawn_trainer, write_config
 
 pytestmark = pytest.mark.dist
 
@@ -35,14 +35,6 @@ def _config(**sections: dict[str, Any]) -> dict[str, Any]:
     for key, values in sections.items():
         cfg.setdefault(key, {}).update(values)
     return cfg
-
-
-def _spawn(run_dir: Path, overrides: dict[str, Any], world: int, timeout: float = 600) -> int:
-    from launcher.local import run_local
-
-    path = write_config(run_dir, overrides)
-    return run_local([sys.executable, "-m", "trainer", str(path)], world, run_dir,
-                     env_extra={"PYTHONPATH": str(REPO)}, threads=1)
 
 
 @pytest.mark.parametrize("world, tp, pp", [(2, 1, 1), (4, 2, 2)], ids=["tp1_dp2", "tp2pp2"])
@@ -180,7 +172,7 @@ def _damaged_copy(saved_run: Path, tmp_path: Path) -> Path:
 
 def _rerun(run_dir: Path, **ckpt: Any) -> tuple[int, str]:
     cfg = _config(parallel={"distributed_optimizer": False}, train={"steps": 10}, ckpt={"every": 4, **ckpt})
-    code = _spawn(run_dir, cfg, world=1)
+    code = spawn_trainer(run_dir, cfg, world_size=1)
     return code, (run_dir / "logs" / "rank_0.log").read_text()
 
 
@@ -221,7 +213,7 @@ def test_fallback_to_previous_complete_checkpoint(saved_run: Path, tmp_path: Pat
 
 def test_missing_ckpt_load_is_an_error_not_random_init(tmp_path: Path) -> None:
     cfg = _config(ckpt={"load": str(tmp_path / "nowhere")})
-    code = _spawn(tmp_path / "run", cfg, world=1)
+    code = spawn_trainer(tmp_path / "run", cfg, world_size=1)
     log = (tmp_path / "run" / "logs" / "rank_0.log").read_text()
     assert code == 2 and "does not exist" in log and not (tmp_path / "run" / "metrics.jsonl").exists()
 
