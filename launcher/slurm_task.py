@@ -69,6 +69,18 @@ def failure_text(run_dir: Path) -> str:
     return f"{logs[0]}:\n{log_tail(logs[0])}" if logs else f"(no rank logs in {run_dir}/logs)"
 
 
+def job_state(job: str) -> str:
+    """The job's state as slurmctld sees it now ("" if it cannot say)."""
+    try:
+        done = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True)
+    except FileNotFoundError:
+        return ""
+    for field_text in done.stdout.split():
+        if field_text.startswith("JobState="):
+            return field_text.split("=", 1)[1]
+    return ""
+
+
 def requeue_log(run_dir: Path) -> Path:
     return run_dir / "logs" / "slurm" / "requeues.jsonl"
 
@@ -152,9 +164,18 @@ class TrainerTask:
             raise RuntimeError(f"time limit reached {timeouts + 1} times; cluster.max_requeues="
                                f"{self.max_requeues}: not requeued. The checkpoint is in "
                                f"{run_dir}/checkpoints; rerun the same command to resume.")
+        state = job_state(job)
+        if not (state.startswith("RUNNING") or "PREEMPT" in state):
+            # A plain scancel's SIGTERM looks like preemption to the trainer, and slurmctld
+            # accepts `scontrol requeue` of a job it is ending (state COMPLETING): seen on the
+            # dev cluster, the cancelled job came back. Requeue only a job that is still
+            # running (signal-only: time-limit warning, `scancel --signal`) or preempted.
+            print(f"chatforge: job {job} is {state or 'gone'} (cancelled?); checkpoint saved, "
+                  "not requeued", flush=True)
+            return 0
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         if done.returncode != 0:
-            # A cancelled job cannot be requeued: that is the user's scancel, not a failure.
+            # slurmctld refused (e.g. the job ended meanwhile): report it, keep the checkpoint.
             raise RuntimeError(f"stopped after a checkpoint; not requeued ({reason}): "
                                f"scontrol requeue {job}: {done.stderr.strip()}")
         # Recorded only once requeued (a cancelled run is not a timeout to count); SLURM now
