@@ -327,8 +327,29 @@ def _cancel(argv: list[str]) -> int:
     return cancel_command(argv)
 
 
+def _chat(argv: list[str]) -> int:
+    """Interactive chat with a checkpoint: one local process (trainer/chat.py), stdin and
+    stdout passed through. Arguments are checked here first, without torch."""
+    import subprocess
+
+    from trainer.chat import HELP, parse_args
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP)
+        return 0
+    try:
+        args = parse_args(argv)
+    except ValueError as exc:
+        return _fail([str(exc)])
+    for key in ("ckpt", "examples"):
+        if args.get(key) and not Path(args[key]).expanduser().exists():
+            return _fail([f"{key}={args[key]}: no such file or directory"])
+    return subprocess.call([sys.executable, "-m", "trainer.chat", *argv])
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "run": run_command, "plan": plan_command, "jobs": _jobs, "logs": _logs, "cancel": _cancel}
+    "run": run_command, "plan": plan_command, "jobs": _jobs, "logs": _logs, "cancel": _cancel,
+    "chat": _chat}
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from parallel.config import model_split_problems
+from trainer.stages import SAMPLING_STAGES, STAGE_DATA, STAGE_HEAD, STAGES
 
 # The one place that lists the allowed values of every enumerated string field (the
 # dataclass comments mirror it; OmegaConf cannot type-check Literal annotations).
@@ -29,7 +30,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.decay": ("cosine", "linear", "constant"),
     "logger": ("wandb", "none"),
     "wandb.mode": ("auto", "offline", "online"),
-    "data.format": ("embedded", "text"),
+    "data.format": ("embedded", "text", "chatml", "alpaca", "hh_rlhf", "preference"),
+    "data.overlong": ("truncate", "drop"),
+    "stage.name": tuple(STAGES),
+    "rm.reduce": ("last", "mean"),
+    "dpo.loss": ("sigmoid", "ipo"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "ckpt.load_state": ("weights", "full"),
     "cluster.name": ("local", "slurm"),
@@ -50,6 +55,9 @@ POSITIVE: tuple[str, ...] = (
     "train.steps",
     "train.global_batch",
     "train.micro_batch",
+    "best_of_n.n",
+    "sampling.max_new_tokens",
+    "sampling.batch",
 )
 
 # Optional sizes: None means "derive it", any set value must be >= 1.
@@ -156,8 +164,40 @@ def _missing_file(path: str) -> Optional[str]:
     return None
 
 
+def _check_stage(cfg: DictConfig) -> list[ConfigError]:
+    """The stage against its data, model head, inputs and hyperparameter ranges."""
+    stage, fmt = cfg.stage.name, cfg.data.format
+    errors = []
+    if fmt not in STAGE_DATA[stage]:
+        errors.append(ConfigError("data.format", fmt, f"stage={stage} reads one of {', '.join(STAGE_DATA[stage])}"))
+    head = STAGE_HEAD.get(stage, "lm")
+    if cfg.model.head != head:
+        errors.append(ConfigError("model.head", cfg.model.head, f"stage={stage} needs model.head={head}"))
+    if stage in SAMPLING_STAGES:
+        for key in ("ckpt.load", "best_of_n.reward"):
+            if not _get(cfg, key):
+                what = "the policy to sample from" if key == "ckpt.load" else "the reward model's run dir"
+                errors.append(ConfigError(key, _get(cfg, key), f"stage={stage} needs {what}"))
+    ranges = (("dpo.beta", lambda v: v > 0, "must be > 0"),
+              ("dpo.label_smoothing", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+              ("data.embedded.flip", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+              ("sampling.temperature", lambda v: v >= 0, "must be >= 0 (0 is greedy)"),
+              ("sampling.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+              ("sampling.top_k", lambda v: v >= 0, "must be >= 0 (0 is off)"))
+    for key, ok, what in ranges:
+        value = _get(cfg, key)
+        if not ok(value):
+            errors.append(ConfigError(key, value, what))
+    return errors
+
+
 def _check_paths(cfg: DictConfig) -> list[ConfigError]:
     errors = []
+    if cfg.data.format not in ("embedded", "text"):
+        raw = cfg.data.path or ""
+        why = _missing_file(raw) if raw else f"data.format={cfg.data.format} needs data.path=<file>"
+        if why:
+            errors.append(ConfigError("data.path", raw, why))
     if cfg.data.format == "text":
         raw = cfg.data.path or ""
         parts = [part.strip() for part in raw.split(",")]
@@ -171,10 +211,11 @@ def _check_paths(cfg: DictConfig) -> list[ConfigError]:
     tokenizer = cfg.tokenizer.path
     if tokenizer and (why := _missing_file(tokenizer)):
         errors.append(ConfigError("tokenizer.path", tokenizer, why))
-    load = cfg.ckpt.load
-    if load and not Path(load).expanduser().exists():
-        where = Path(load).expanduser()
-        errors.append(ConfigError("ckpt.load", load, f"no such checkpoint: {where}"))
+    for key in ("ckpt.load", "best_of_n.reward"):
+        load = _get(cfg, key)
+        if load and not Path(load).expanduser().exists():
+            where = Path(load).expanduser()
+            errors.append(ConfigError(key, load, f"no such checkpoint: {where}"))
     return errors
 
 
@@ -191,6 +232,7 @@ def find_errors(cfg: DictConfig | Any) -> list[ConfigError]:
     dependent: list[tuple[Callable[[DictConfig], list[ConfigError]], tuple[str, ...]]] = [
         (_check_layout, LAYOUT_KEYS),
         (_check_paths, ("data.format",)),
+        (_check_stage, ("stage.name", "data.format", "model.head")),
     ]
     for check, needs in dependent:
         if not _bad_keys(errors) & set(needs):

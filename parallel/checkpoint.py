@@ -102,16 +102,41 @@ def save_engines(engines: dict[str, Engine], directory: Path, async_save: bool =
     return dist_checkpointing.save(state, str(directory), async_sharded_save=async_save)
 
 
+def _drop_keys(state: dict[str, Any], prefixes: tuple[str, ...]) -> list[str]:
+    """Remove model entries whose key starts with one of `prefixes`; return their names."""
+    dropped = [key for key in state if key.startswith(prefixes)]
+    for key in dropped:
+        del state[key]
+    return dropped
+
+
 def load_engines(engines: dict[str, Engine], directory: Path, with_optimizer: bool,
-                 sources: Optional[dict[str, str]] = None) -> None:
+                 sources: Optional[dict[str, str]] = None, keep_init: tuple[str, ...] = ()) -> None:
     """Load engines from `directory` at whatever layout this run has. `sources` maps an
-    engine to the name it was saved under (e.g. a PPO actor from an SFT "policy")."""
+    engine to the name it was saved under (e.g. a PPO actor from an SFT "model").
+    `keep_init`: model key prefixes (e.g. "output_layer.") not loaded, keeping their
+    initial values (a scalar head on an LM checkpoint); weights-only loads only."""
+    if keep_init and with_optimizer:
+        raise ValueError("keep_init needs a weights-only load (the optimizer state would not match)")
     sources = sources or {}
-    state = {name: sharded_state(engine, sources.get(name, name), with_optimizer, is_loading=True)
-             for name, engine in engines.items()}
+    state = {}
+    skipped: dict[str, list[str]] = {}
+    for name, engine in engines.items():
+        source = sources.get(name, name)
+        if keep_init:
+            model_state = engine.module.sharded_state_dict()
+            skipped[name] = _drop_keys(model_state, keep_init)
+            state[name] = {"model": model_state}
+            add_prefix_for_sharding(state[name], f"{source}.")
+        else:
+            state[name] = sharded_state(engine, source, with_optimizer, is_loading=True)
     loaded = dist_checkpointing.load(state, str(directory))
     for name, engine in engines.items():
-        engine.module.load_state_dict(loaded[name]["model"])
+        result = engine.module.load_state_dict(loaded[name]["model"], strict=not skipped.get(name))
+        if skipped.get(name):
+            unexpected = [k for k in result.missing_keys if not k.startswith(keep_init)]
+            if unexpected or result.unexpected_keys:
+                raise RuntimeError(f"load of {name!r}: missing {unexpected}, unexpected {result.unexpected_keys}")
         # `loaded` also holds the checkpoint's common (non-tensor) state, so an "optimizer"
         # entry can be there even when only the weights were asked for.
         if with_optimizer and engine.trainable:

@@ -161,6 +161,24 @@ class Engine:
         stored = self._run(microbatches, step_fn, forward_only=True, seq_length=seq_length)
         return self.reduce_metrics(stored)
 
+    @torch.no_grad()
+    def forward_outputs(self, microbatches: list[dict[str, torch.Tensor]], step_fn: StepFn,
+                        seq_length: Optional[int] = None) -> list[dict[str, torch.Tensor]]:
+        """Forward only, for per-sample results (reference log-probs, rewards): here the
+        third element of `loss_fn`'s return holds tensors of any shape, not [sum, count]
+        pairs. Returns them per microbatch, on the host, on every rank of the pipeline."""
+        for chunk in self.model:
+            chunk.eval()
+        stored = self._run(microbatches, step_fn, forward_only=True, seq_length=seq_length)
+        outputs: list[dict[str, torch.Tensor]] = []
+        if self.topo.is_last_stage:
+            outputs = [{k: v.detach().to("cpu") for k, v in item.items()} for item in stored]
+        if self.topo.pp > 1:
+            box = [outputs]
+            dist.broadcast_object_list(box, src=self.topo.last_stage_global_rank, group=self.topo.pp_group)
+            outputs = box[0]
+        return outputs
+
     def reduce_metrics(self, stored: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Sum [sum, count] pairs over microbatches and DP ranks of the last stage, then
         share the result with every pipeline stage (so rank 0 can log it)."""

@@ -21,6 +21,8 @@ def main(argv: list[str]) -> int:
     ctx = runtime.start(cfg)
     try:
         stage = build_stage(ctx)
+        if hasattr(stage, "run"):
+            return int(stage.run())  # a job without training steps (best_of_n)
         return run(ctx, stage)
     except CheckpointError as exc:
         # A damaged or missing checkpoint is the user's to fix: one clear line, no traceback.

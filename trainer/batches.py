@@ -19,3 +19,30 @@ def lm_inputs(tokens: torch.Tensor, device: torch.device) -> dict[str, torch.Ten
     positions = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
     return {"input_ids": inputs, "labels": labels, "position_ids": positions,
             "attention_mask": causal_mask(s, device)}
+
+
+def packed_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A packed (or padded) chat batch -> model inputs. Positions restart at every
+    conversation and the attention mask is block-diagonal causal, so no token attends
+    across a conversation boundary (trainer/data/packing.py)."""
+    from trainer.data.packing import packed_attention_mask
+
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+            "position_ids": batch["position_ids"].to(device),
+            "attention_mask": packed_attention_mask(batch["segment_ids"].to(device))}
+
+
+def pair_collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Preference pairs -> one microbatch of 2n rows, chosen and rejected interleaved
+    (row 2i chosen, row 2i+1 rejected): one forward scores both. "tokens" comes first: the
+    engine reads the microbatch size from the first tensor."""
+    import numpy as np
+
+    tokens = np.stack([s["tokens"] for s in samples])  # [n, 2, S+1]
+    mask = np.stack([s["response_mask"] for s in samples])
+    batch = {"tokens": torch.from_numpy(tokens.reshape(-1, tokens.shape[-1])),
+             "response_mask": torch.from_numpy(mask.reshape(-1, mask.shape[-1]))}
+    if "index" in samples[0]:
+        batch["index"] = torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)
+    return batch

@@ -5,6 +5,7 @@ Layout: <run.dir>/checkpoints/step_NNNNNN/ holds
     train_state.pt     step, stage state (data position), LR schedulers, layout
     rng/rank_NNNNN.pt  each rank's RNG states (python, numpy, torch, megatron tracker)
     config.yaml        the resolved config that wrote it
+    tokenizer.model    the run's tokenizer (a checkpoint is usable on its own)
     manifest.json      size and CRC32 of every file above, written last
 and <run.dir>/checkpoints/latest names the newest complete one.
 
@@ -169,6 +170,8 @@ class Resume:
     directory: Path
     step: int
     full_state: bool
+    # From ckpt.load (another run, maybe another stage) rather than this run's own.
+    foreign: bool = False
 
 
 def _start_writer_service() -> None:
@@ -289,6 +292,9 @@ class Checkpointer:
             }
             _torch_save(train_state, tmp / "train_state.pt")
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.ctx.cfg, resolve=True))
+            tokenizer = getattr(self.ctx, "tokenizer_path", None)
+            if tokenizer is not None and Path(tokenizer).is_file():
+                shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
 
     def _commit(self, tmp: Path, step: int) -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -347,7 +353,8 @@ class Checkpointer:
             return Resume(chosen, _step_of(chosen), full_state=True)
         if self.cfg.load:
             chosen = self.choose(resolve_load_path(Path(self.cfg.load)))
-            return Resume(chosen, _step_of(chosen), full_state=self.cfg.load_state == "full")
+            return Resume(chosen, _step_of(chosen), full_state=self.cfg.load_state == "full",
+                          foreign=True)
         return None
 
     def load(self, resume: Resume, engines: dict[str, Any], stage: Any) -> int:
@@ -355,7 +362,21 @@ class Checkpointer:
         to continue from."""
         from parallel.checkpoint import load_engines
 
-        load_engines(engines, resume.directory / "shards", with_optimizer=resume.full_state)
+        sources: dict[str, str] = {}
+        keep_init: tuple[str, ...] = ()
+        if resume.foreign:
+            source = source_model(resume.directory)
+            problems = model_mismatch(source, self.ctx.cfg.model)
+            if problems:
+                raise CheckpointError(f"ckpt.load={resume.directory}: the checkpoint's model differs "
+                                      f"from this run's: {'; '.join(problems)}")
+            sources = stage.load_sources()
+            if str(source.get("head", "lm")) != str(self.ctx.cfg.model.head):
+                # LM -> scalar head (a reward model or critic from SFT): the new head starts
+                # from its own (zero) init; everything below it is loaded.
+                keep_init = ("output_layer.",)
+        load_engines(engines, resume.directory / "shards", with_optimizer=resume.full_state,
+                     sources=sources, keep_init=keep_init)
         if not resume.full_state:
             return 0
         state = torch.load(resume.directory / "train_state.pt", weights_only=False)
@@ -375,6 +396,41 @@ class Checkpointer:
         elif self.ctx.is_main:
             print(f"[chatforge] layout changed since the checkpoint ({layout}); RNG streams "
                   "restart from the seed", flush=True)
+
+
+TOKENIZER_FILE = "tokenizer.model"
+# Model fields that decide tensor shapes: a checkpoint loads only into the same values.
+SHAPE_KEYS: tuple[str, ...] = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "position_embedding", "normalization", "activation", "add_bias", "make_vocab_size_divisible_by",
+)
+
+
+def source_model(step_dir: Path) -> dict[str, Any]:
+    """The model section of the config that wrote the checkpoint in `step_dir`."""
+    path = step_dir / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; cannot tell which model wrote {step_dir}")
+    return dict(OmegaConf.to_container(OmegaConf.load(path).model, resolve=True))  # type: ignore[arg-type]
+
+
+def model_mismatch(source: dict[str, Any], model: Any) -> list[str]:
+    """`model.<key>: checkpoint has A, this run has B` for every shape-deciding difference."""
+    keys = list(SHAPE_KEYS)
+    if str(model.position_embedding) == "learned":
+        keys.append("seq_length")  # the position table has seq_length rows
+    if str(source.get("head", "lm")) == "lm" == str(model.head):
+        keys.append("tie_embeddings")
+    return [f"model.{key}: checkpoint has {source.get(key)!r}, this run has {model[key]!r}"
+            for key in keys if source.get(key) != model[key]]
+
+
+def tokenizer_of(step_dir: Path) -> Path:
+    """The tokenizer a checkpoint was trained with: its own copy, else its run's."""
+    for candidate in (step_dir / TOKENIZER_FILE, step_dir.parents[1] / "tokenizer" / TOKENIZER_FILE):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"{step_dir}: no {TOKENIZER_FILE} in it or in its run's tokenizer/ directory")
 
 
 def retained(steps: list[int], newest: int, keep_last: int, keep_every: int) -> set[int]:
@@ -408,3 +464,20 @@ def resolve_load_path(path: Path) -> Path:
     if STEP_DIR.match(path.name):
         return path
     raise CheckpointError(f"ckpt.load={path}: no checkpoint found (no latest file, not a step_NNNNNN dir)")
+
+
+def load_weights(path: str | Path, engines: dict[str, Any], model: Any, sources: Optional[dict[str, str]] = None) -> Path:
+    """Weights of a finished run's checkpoint (a run dir, its checkpoints/ dir or a step dir)
+    into engines built with `model` (frozen references, reward models, generation
+    policies); collective. The checkpoint is verified first. Returns its step directory."""
+    from parallel.checkpoint import load_engines
+
+    directory = resolve_load_path(Path(path))
+    problems = _gather_problems(directory)
+    if problems:
+        raise CheckpointError("damaged checkpoint: " + "; ".join(problems[:5]))
+    mismatch = model_mismatch(source_model(directory), model)
+    if mismatch:
+        raise CheckpointError(f"{directory}: the checkpoint's model differs: {'; '.join(mismatch)}")
+    load_engines(engines, directory / "shards", with_optimizer=False, sources=sources)
+    return directory

@@ -31,19 +31,38 @@ class TokenizerConfig:
 
 @dataclass
 class EmbeddedDataConfig:
-    """The generated "assistant world" corpus: no download, seeded, sizes here."""
+    """The generated "assistant world": no download, seeded, sizes here. One world feeds
+    every stage: documents (pretrain), conversations (SFT), preference pairs (RM, DPO) and
+    prompts (best-of-N, rejection sampling)."""
 
     num_docs: int = 4000
+    num_chats: int = 2000
+    num_pairs: int = 2000
+    num_prompts: int = 64
+    # Simulated rater noise: the fraction of preference pairs whose labels are swapped.
+    flip: float = 0.0
+    # Task families of the chat data, comma-separated (trainer/data/corpus.py: add,
+    # subtract, compare, reverse, uppercase, count_letter); empty: all of them.
+    families: str = ""
     seed: int = 0
 
 
 @dataclass
 class DataConfig:
     name: str = "embedded"
-    # embedded: generate the corpus; text: plain text file(s) at `path`.
+    # embedded: the generated world (every stage); text: plain text (pretrain);
+    # chatml | alpaca: conversations (SFT, rejection sampling; prompts for best-of-N);
+    # hh_rlhf | preference: preference pairs (reward model, DPO; their chosen dialogues also
+    # feed SFT and their prompts best-of-N).
     format: str = "embedded"
-    # A user's file (or comma-separated files) for format=text.
+    # A user's file (or comma-separated files for format=text).
     path: str = ""
+    # Chat stages: pack several conversations into one sequence (attention and loss never
+    # cross a conversation boundary) or pad each to model.seq_length.
+    packing: bool = True
+    # A sample longer than model.seq_length: truncate (keep the prompt's end and the
+    # response's start) or drop it. Either way it is counted in the stage's log.
+    overlong: str = "truncate"  # truncate | drop
     # Fraction of documents held out for evaluation.
     eval_fraction: float = 0.05
     # Seeds the train/eval document split; apart from `seed` so a seed sweep evaluates on
@@ -87,6 +106,54 @@ class CkptConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    """The reward model stage (stage=rm)."""
+
+    # last: the value at the response's last token; mean: averaged over response tokens.
+    reduce: str = "last"  # last | mean
+    # Loss -log sigmoid(r_chosen - r_rejected - margin).
+    margin: float = 0.0
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (stage=dpo) against a frozen reference (ckpt.load)."""
+
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    # Conservative DPO: the probability that a preference label is wrong (sigmoid loss only).
+    label_smoothing: float = 0.0
+    # Compute the reference log-probs of every pair once before training (the reference then
+    # costs nothing per step) instead of one reference forward per step.
+    precompute_ref: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled (best-of-N, rejection sampling, chat, and later PPO)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    use_cache: bool = True
+    # Prompts per generation batch on each data-parallel rank.
+    batch: int = 8
+
+
+@dataclass
+class BestOfNConfig:
+    """best_of_n and rejection_sampling: N samples per prompt from the policy (ckpt.load),
+    scored by a reward model checkpoint; the best one wins."""
+
+    n: int = 4
+    # The reward model: a run dir, its checkpoints/ dir or a step dir (required).
+    reward: str = ""
+    # Prompts taken from the data (0: all of them).
+    num_prompts: int = 0
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
 
@@ -112,5 +179,9 @@ class Config:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
     seed: int = 1234
     logger: str = "wandb"  # wandb | none

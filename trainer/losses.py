@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 LossTerms = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
@@ -31,3 +32,92 @@ def masked_token_loss(per_token_loss: torch.Tensor, loss_mask: Optional[torch.Te
         count = mask.sum().to(torch.int)
     pair = torch.stack([total.detach(), count.detach().to(total.dtype)])
     return total, count, {"loss": pair}
+
+
+def _pair(total: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
+    count = torch.as_tensor(count, dtype=total.dtype, device=total.device)
+    return torch.stack([total.detach(), count.detach()])
+
+
+def read_reward(values: torch.Tensor, response_mask: torch.Tensor, reduce: str = "last") -> torch.Tensor:
+    """One reward per sequence from a scalar head.
+
+    values: [b, s] float, the head's output at every input position.
+    response_mask: [b, s] {0, 1}, 1 on the response's tokens (aligned with the inputs).
+    reduce: "last" reads r = v_T at the response's last token T (InstructGPT); "mean" takes
+        r = sum_t m_t v_t / sum_t m_t.
+    Returns [b]. A row without response tokens gets the value at its last position.
+    """
+    mask = response_mask.to(values.dtype)
+    if reduce == "mean":
+        return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    if reduce != "last":
+        raise ValueError(f"rm.reduce={reduce!r}: must be last or mean")
+    positions = torch.arange(values.shape[-1], device=values.device).expand_as(values)
+    last = torch.where(mask > 0, positions, torch.zeros_like(positions)).amax(-1)
+    return values.gather(-1, last.unsqueeze(-1)).squeeze(-1)
+
+
+def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> LossTerms:
+    """Bradley-Terry reward-model loss (InstructGPT eq. 1; Llama-2's margin variant).
+
+    chosen, rejected: [n] rewards r(x, y_w), r(x, y_l) of n pairs.
+    L = -(1/n) sum_i log sigmoid(r_w,i - r_l,i - margin).
+    Returns (summed loss, n, metrics): loss, accuracy (r_w > r_l), margin (r_w - r_l),
+    reward_chosen, reward_rejected -- each as [sum, count].
+    """
+    diff = chosen.float() - rejected.float()
+    total = -F.logsigmoid(diff - margin).sum()
+    n = diff.numel()
+    return total, torch.tensor(n, dtype=torch.int, device=diff.device), {
+        "loss": _pair(total, n),
+        "accuracy": _pair((diff > 0).float().sum(), n),
+        "margin": _pair(diff.sum(), n),
+        "reward_chosen": _pair(chosen.float().sum(), n),
+        "reward_rejected": _pair(rejected.float().sum(), n),
+    }
+
+
+def sequence_logprobs(per_token_nll: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y | x) = sum over response labels of log p(y_t | y_<t, x).
+
+    per_token_nll: [b, s] -log p of each label (the LM's per-token loss).
+    label_mask: [b, s] {0, 1}, 1 where the label is a response token.
+    Returns [b].
+    """
+    return -(per_token_nll.float() * label_mask.to(torch.float32)).sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, kind: str = "sigmoid",
+             label_smoothing: float = 0.0) -> LossTerms:
+    """Direct preference optimisation over n pairs (all arguments [n] sequence log-probs).
+
+    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)).
+    sigmoid (DPO, Rafailov et al. 2023 eq. 7; with label smoothing eps, the conservative
+        cDPO of Mitchell 2023): L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+    ipo (Azar et al. 2023 eq. 17): L = (h - 1 / (2 beta))^2.
+    Metrics: loss; accuracy = share of pairs whose implicit reward beta*(log pi - log ref) is
+    higher for the chosen response; margin = mean beta h; logp_chosen / logp_rejected = mean
+    policy log-probs; kl = mean over both responses of log pi - log ref (the sequence-level
+    log-ratio on the preference data: how far the policy moved from the reference).
+    """
+    chosen_ratio = policy_chosen.float() - ref_chosen.float()
+    rejected_ratio = policy_rejected.float() - ref_rejected.float()
+    h = chosen_ratio - rejected_ratio
+    if kind == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif kind == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo.loss={kind!r}: must be sigmoid or ipo")
+    total = losses.sum()
+    n = h.numel()
+    return total, torch.tensor(n, dtype=torch.int, device=h.device), {
+        "loss": _pair(total, n),
+        "accuracy": _pair((h > 0).float().sum(), n),
+        "margin": _pair(beta * h.sum(), n),
+        "logp_chosen": _pair(policy_chosen.float().sum(), n),
+        "logp_rejected": _pair(policy_rejected.float().sum(), n),
+        "kl": _pair((chosen_ratio + rejected_ratio).sum() / 2.0, n),
+    }

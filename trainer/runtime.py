@@ -5,7 +5,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -30,6 +30,8 @@ class RunContext:
     env: Any  # parallel.dist.DistEnv
     topo: Any  # parallel.groups.Topology
     device: Any  # torch.device
+    # Set by the stage once its tokenizer is known; checkpoints carry a copy.
+    tokenizer_path: Optional[Path] = None
 
     @property
     def is_main(self) -> bool:

@@ -17,7 +17,7 @@ number of consumed samples.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -115,17 +115,64 @@ class SequenceDataset:
         return self.sample(i)
 
 
+class ArrayDataset:
+    """Fixed samples (packed chats, preference pairs): row i of every array is sample i.
+    Served like SequenceDataset: epoch e visits the rows in a permutation seeded by
+    (seed, e), so sample i exists for every i >= 0 and depends only on (seed, i)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], seed: int, what: str = "samples") -> None:
+        sizes = {len(a) for a in arrays.values()}
+        if len(sizes) != 1 or 0 in sizes:
+            raise ValueError(f"no {what} to train on (sizes {sorted(sizes)}): check data.path and "
+                             "model.seq_length")
+        self.arrays = arrays
+        self.seed = seed
+        self._num = sizes.pop()
+        self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self._num
+
+    def row(self, i: int) -> int:
+        """The array row that sample `i` reads."""
+        epoch, j = divmod(int(i), self._num)
+        if epoch not in self._orders:
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self._num)
+            if len(self._orders) > _CACHED_EPOCHS:
+                self._orders.popitem(last=False)
+        return int(self._orders[epoch][j])
+
+    def sample(self, i: int) -> dict[str, np.ndarray]:
+        if i < 0:
+            raise IndexError(f"sample index {i} must be >= 0")
+        row = self.row(i)
+        out = {key: array[row] for key, array in self.arrays.items()}
+        out["index"] = np.int64(row)  # which sample: keys per-sample caches (DPO reference)
+        return out
+
+
+def stack_samples(samples: list[Any]) -> Batch:
+    """Token windows -> {"tokens"}; dict samples -> one stacked tensor per key."""
+    if isinstance(samples[0], dict):
+        # "tokens" first: the engine reads the microbatch size from the first tensor.
+        keys = sorted(samples[0], key=lambda k: k != "tokens")
+        return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in keys}
+    return {"tokens": torch.from_numpy(np.stack(samples))}
+
+
 class SampleLoader:
-    """Deals each training step's global batch to this data-parallel rank as microbatches."""
+    """Deals each training step's global batch to this data-parallel rank as microbatches.
+    `collate` turns a microbatch's samples into tensors (default: stack_samples)."""
 
     def __init__(
         self,
-        dataset: SequenceDataset,
+        dataset: Any,
         global_batch: int,
         micro_batch: int,
         dp_rank: int = 0,
         dp_size: int = 1,
         consumed_samples: int = 0,
+        collate: Callable[[list[Any]], Batch] = stack_samples,
     ) -> None:
         if micro_batch < 1 or global_batch < 1:
             raise ValueError(
@@ -144,6 +191,7 @@ class SampleLoader:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.num_microbatches = global_batch // (micro_batch * dp_size)
+        self.collate = collate
         self._consumed = 0
         self.load_state_dict({"consumed_samples": consumed_samples})
 
@@ -173,12 +221,11 @@ class SampleLoader:
         return np.arange(first, first + per_rank, dtype=np.int64)
 
     def next_batch(self) -> list[Batch]:
-        """This rank's microbatches for the next step: [{"tokens": [micro_batch, seq+1]}]."""
-        idx = self.rank_sample_indices()
-        samples = np.stack([self.dataset.sample(int(i)) for i in idx])
-        tokens = torch.from_numpy(samples)
+        """This rank's microbatches for the next step, e.g. [{"tokens": [micro_batch, seq+1]}]."""
+        samples = [self.dataset.sample(int(i)) for i in self.rank_sample_indices()]
         self._consumed += self.global_batch
-        return [{"tokens": mb} for mb in tokens.split(self.micro_batch)]
+        return [self.collate(samples[k:k + self.micro_batch])
+                for k in range(0, len(samples), self.micro_batch)]
 
     def __iter__(self) -> Iterator[list[Batch]]:
         return self

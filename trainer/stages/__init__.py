@@ -9,7 +9,28 @@ from typing import Any
 
 STAGES: dict[str, str] = {
     "pretrain": "trainer.stages.pretrain:PretrainStage",
+    "sft": "trainer.stages.sft:SFTStage",
+    "rm": "trainer.stages.reward:RewardModelStage",
+    "dpo": "trainer.stages.dpo:DPOStage",
+    "best_of_n": "trainer.stages.best_of_n:BestOfNJob",
+    "rejection_sampling": "trainer.stages.best_of_n:RejectionSamplingStage",
 }
+
+# The data formats each stage reads (data.format); the launcher checks them before a run.
+_CHATS = ("embedded", "chatml", "alpaca", "hh_rlhf", "preference")
+_PAIRS = ("embedded", "hh_rlhf", "preference")
+STAGE_DATA: dict[str, tuple[str, ...]] = {
+    "pretrain": ("embedded", "text"),
+    "sft": _CHATS,
+    "rm": _PAIRS,
+    "dpo": _PAIRS,
+    "best_of_n": _CHATS,
+    "rejection_sampling": _CHATS,
+}
+# The model head each stage trains or runs.
+STAGE_HEAD: dict[str, str] = {"rm": "scalar"}
+# Stages that sample from a policy and score with a reward model: both checkpoints needed.
+SAMPLING_STAGES: tuple[str, ...] = ("best_of_n", "rejection_sampling")
 
 
 def build_stage(ctx: Any) -> Any:

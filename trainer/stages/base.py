@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from parallel.engine import Engine, StepResult
+from trainer.data.gpt_dataset import SampleLoader
 from trainer.runtime import RunContext
 
 
@@ -36,6 +37,11 @@ class Stage(ABC):
         """Held-out metrics, keys prefixed with `eval_`; empty if the stage has none."""
         return {}
 
+    def load_sources(self) -> dict[str, str]:
+        """For ckpt.load from another stage's checkpoint: engine name -> the name it was
+        saved under there (default: the same name)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Everything besides model/optimizer weights that an exact resume needs."""
         return {}
@@ -45,18 +51,28 @@ class Stage(ABC):
 
 
 class SupervisedStage(Stage):
-    """One trainable engine fed by a SampleLoader-like loader, with a step function. Pretrain,
-    SFT, reward model and DPO differ only in the data, `step_fn` and the engines they hold."""
+    """One trainable engine fed by a SampleLoader over `train_set`, with a step function, and
+    evaluated on `eval_set`. Pretrain, SFT, reward model and DPO differ only in the data,
+    `step_fn` and the engines they hold."""
 
     engine: Engine
+    loader: SampleLoader
+    eval_set: Any
+    _eval_cache: Optional[list[list[dict[str, torch.Tensor]]]] = None
 
     @abstractmethod
     def step_fn(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
         """Megatron forward_step_func: returns (output, loss_fn)."""
 
-    @abstractmethod
     def eval_batches(self) -> list[list[dict[str, torch.Tensor]]]:
-        """The fixed held-out batches (the same at every evaluation)."""
+        """The fixed held-out batches: a fresh loader from position 0, so every evaluation
+        sees the same samples."""
+        if self._eval_cache is None:
+            train = self.loader
+            loader = SampleLoader(self.eval_set, train.global_batch, train.micro_batch,
+                                  train.dp_rank, train.dp_size, collate=train.collate)
+            self._eval_cache = [loader.next_batch() for _ in range(int(self.cfg.train.eval_batches))]
+        return self._eval_cache
 
     def engines(self) -> dict[str, Engine]:
         return {"model": self.engine}

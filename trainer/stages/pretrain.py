@@ -42,6 +42,7 @@ class PretrainStage(SupervisedStage):
         super().__init__(ctx)
         cfg, topo = ctx.cfg, ctx.topo
         self.data = prepared_text(ctx)
+        ctx.tokenizer_path = self.data.tokenizer_path
         tokens = IndexedTokens(self.data.prefix)
         seq = int(cfg.model.seq_length)
         self.train_set = SequenceDataset(tokens, self.data.train_docs, seq, seed=int(cfg.seed))
@@ -50,7 +51,6 @@ class PretrainStage(SupervisedStage):
                                    topo.dp_rank, topo.dp)
         self.engine = Engine(cfg.model, cfg.parallel, topo, vocab_size=self.data.vocab_size,
                              seed=int(cfg.seed), optim=cfg.optim, total_steps=int(cfg.train.steps))
-        self._eval_cache: list[list[dict[str, torch.Tensor]]] | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -58,11 +58,3 @@ class PretrainStage(SupervisedStage):
 
     def step_fn(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
         return lm_forward(batch, model, self.ctx.device)
-
-    def eval_batches(self) -> list[list[dict[str, torch.Tensor]]]:
-        if self._eval_cache is None:
-            # A fresh loader from position 0: every evaluation sees the same samples.
-            loader = SampleLoader(self.eval_set, self.cfg.train.global_batch,
-                                  self.cfg.train.micro_batch, self.ctx.topo.dp_rank, self.ctx.topo.dp)
-            self._eval_cache = [loader.next_batch() for _ in range(int(self.cfg.train.eval_batches))]
-        return self._eval_cache

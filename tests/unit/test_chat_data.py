@@ -1,0 +1,297 @@
+"""The chat format and its loss mask (trainer/data/chat.py), SFT packing and padding
+(trainer/data/packing.py) and the embedded chat data (trainer/data/chat_embedded.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tools.tokenizer import train_tokenizer
+from trainer.data.chat import (
+    Message,
+    prompt_ids,
+    render,
+    response_ids,
+    tokenize_conversation,
+    truncate,
+    truncate_masked,
+)
+from trainer.data.chat_embedded import (
+    SYSTEM_PROMPT,
+    eval_prompts,
+    gold_reward,
+    preference_pairs,
+    sft_conversations,
+)
+from trainer.data.corpus import generate_corpus
+from trainer.data.packing import (
+    ChatSample,
+    build_packed,
+    build_padded,
+    fit_samples,
+    pack,
+    packed_attention_mask,
+)
+from trainer.data.readers import read_hh_rlhf
+from trainer.data.tokenizer import IM_END, Tokenizer
+
+SEQ = 192
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    texts = generate_corpus(150, seed=0) + [render(c) for c in sft_conversations(50, seed=0)]
+    return Tokenizer(train_tokenizer(tmp_path_factory.mktemp("tok") / "chat", 400, texts=texts))
+
+
+def _conversation() -> list[Message]:
+    return [
+        Message("system", SYSTEM_PROMPT),
+        Message("user", "What is 3 plus 4?"),
+        Message("assistant", "3 plus 4 is 7."),
+        Message("user", "Spell moon backwards."),
+        Message("assistant", "Sure! The word moon spelled backwards is noom."),
+    ]
+
+
+def _runs(values: np.ndarray | list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of nonzero values."""
+    out, start = [], None
+    for i, v in enumerate(list(values) + [0]):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def _assistant_texts(conv: list[Message]) -> list[str]:
+    return [m.content + IM_END for m in conv if m.role == "assistant"]
+
+
+def test_render_is_chatml() -> None:
+    assert render([Message("user", "hi"), Message("assistant", "hello")]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n")
+
+
+def test_mask_covers_exactly_the_assistant_turns(tok: Tokenizer) -> None:
+    conv = _conversation()
+    ids, mask = tokenize_conversation(tok, conv)
+    assert len(ids) == len(mask) and set(mask) == {0, 1}
+    assert tok.decode(ids) == render(conv)
+    assert [tok.decode(ids[a:b]) for a, b in _runs(mask)] == _assistant_texts(conv)
+    # Each run ends on <|im_end|> and is followed by the unmasked "\n".
+    for _, b in _runs(mask):
+        assert ids[b - 1] == tok.im_end_id and tok.decode(ids[b:b + 1]) == "\n"
+
+
+def test_prompt_and_response_ids_match_training_ids(tok: Tokenizer) -> None:
+    conv = _conversation()
+    ids, _ = tokenize_conversation(tok, conv)
+    joined = prompt_ids(tok, conv[:-1]) + response_ids(tok, conv[-1].content)
+    assert joined == ids[:len(joined)]
+    assert tok.decode(ids[len(joined):]) == "\n"
+    assert tok.decode(prompt_ids(tok, conv[:2])).endswith("<|im_start|>assistant\n")
+
+
+def test_bad_conversations_are_rejected(tok: Tokenizer) -> None:
+    with pytest.raises(ValueError, match="'robot'"):
+        tokenize_conversation(tok, [Message("robot", "x"), Message("assistant", "y")])
+    with pytest.raises(ValueError, match="assistant turn"):
+        tokenize_conversation(tok, [Message("user", "x")])
+    with pytest.raises(ValueError, match="'bot'"):
+        prompt_ids(tok, [Message("bot", "x")])
+
+
+@pytest.mark.parametrize("p, r, max_len, kept_p, kept_r", [
+    (100, 50, 64, 32, 32),   # both too long: the response keeps max_len // 2
+    (10, 100, 64, 10, 54),   # short prompt: the response takes the rest
+    (100, 10, 64, 54, 10),   # short response: the prompt takes the rest
+    (20, 30, 64, 20, 30),    # fits: unchanged
+    (0, 80, 64, 0, 64),
+    (40, 40, 65, 33, 32),
+])
+def test_truncation_rule(p: int, r: int, max_len: int, kept_p: int, kept_r: int) -> None:
+    prompt, response = list(range(p)), list(range(1000, 1000 + r))
+    new_p, new_r = truncate(prompt, response, max_len)
+    assert (len(new_p), len(new_r)) == (kept_p, kept_r)
+    assert new_p == prompt[p - kept_p:] and new_r == response[:kept_r]  # prompt end, response start
+
+
+def test_truncate_masked_slices_ids_and_mask_together(tok: Tokenizer) -> None:
+    ids, mask = tokenize_conversation(tok, _conversation())
+    positions = list(range(len(ids)))  # unique values: where each kept token came from
+    final_start = _runs(mask)[-1][0]
+    for max_len in (10, 17, 24, len(ids) - 1):
+        kept, kept_mask = truncate_masked(positions, mask, max_len)
+        assert len(kept) == len(kept_mask) == max_len
+        assert kept_mask == [mask[i] for i in kept]
+        prompt_part = [i for i in kept if i < final_start]
+        response_part = [i for i in kept if i >= final_start]
+        assert prompt_part == list(range(final_start - len(prompt_part), final_start))
+        assert response_part == list(range(final_start, final_start + len(response_part)))
+        assert len(response_part) >= min(len(ids) - final_start, max_len // 2)
+
+
+def test_fit_samples_counts() -> None:
+    long_ = ChatSample(list(range(30)), [0] * 20 + [1] * 9 + [0])
+    short = ChatSample(list(range(8)), [0] * 4 + [1] * 3 + [0])
+    no_target = ChatSample(list(range(6)), [0] * 6)
+    first_only = ChatSample(list(range(6)), [1] + [0] * 5)  # token 0 is never a label
+    samples = [long_, short, no_target, first_only]
+    kept, counts = fit_samples(samples, 16, "truncate")
+    assert counts == {"kept": 2, "truncated": 1, "dropped": 2}
+    assert len(kept[0].ids) == 16 and kept[0].mask == [0] * 8 + [1] * 8  # R = 16 // 2
+    assert kept[1] == short
+    kept, counts = fit_samples(samples, 16, "drop")
+    assert counts == {"kept": 1, "truncated": 0, "dropped": 3} and kept == [short]
+    with pytest.raises(ValueError, match="overlong='cut'"):
+        fit_samples(samples, 16, "cut")
+
+
+def test_first_fit_packing_is_seeded_and_within_capacity() -> None:
+    rng = np.random.default_rng(0)
+    samples = [ChatSample([1] * int(n), [1] * int(n)) for n in rng.integers(1, 40, size=300)]
+    packs = pack(samples, 64, seed=3)
+    assert sorted(i for p in packs for i in p) == list(range(300))
+    assert all(sum(len(samples[i].ids) for i in p) <= 64 for p in packs)
+    assert packs == pack(samples, 64, seed=3) and packs != pack(samples, 64, seed=4)
+    # Same bins as a plain first-fit scan over the same shuffled order.
+    order = np.random.default_rng(3).permutation(300).tolist()
+    naive: list[list[int]] = []
+    for i in order:
+        n = len(samples[i].ids)
+        room = [b for b in naive if sum(len(samples[j].ids) for j in b) + n <= 64]
+        room[0].append(i) if room else naive.append([i])
+    assert packs == naive
+    with pytest.raises(ValueError, match="fit_samples first"):
+        pack([ChatSample([1] * 65, [1] * 65)], 64, seed=0)
+
+
+def _samples(tok: Tokenizer, convs: list[list[Message]]) -> list[ChatSample]:
+    return [ChatSample(*tokenize_conversation(tok, c)) for c in convs]
+
+
+def _check_rows(tok: Tokenizer, arrays: dict[str, np.ndarray], rows: list[list[int]],
+                samples: list[ChatSample], convs: list[list[Message]]) -> None:
+    tokens, loss_mask = arrays["tokens"], arrays["loss_mask"]
+    pos, seg = arrays["position_ids"], arrays["segment_ids"]
+    n = len(rows)
+    assert tokens.shape == (n, SEQ + 1) and tokens.dtype == np.int64
+    assert loss_mask.shape == pos.shape == seg.shape == (n, SEQ)
+    assert (loss_mask.dtype, pos.dtype, seg.dtype) == (np.float32, np.int64, np.int32)
+    assert (tokens[:, SEQ] == tok.pad_id).all()  # a row holds at most SEQ tokens
+    for r, row in enumerate(rows):
+        # Never predict across a sample boundary or from/into padding.
+        same = np.append(seg[r, :-1] == seg[r, 1:], False) & (seg[r] > 0)
+        assert not loss_mask[r][~same].any()
+        for s, i in enumerate(row, 1):
+            where = np.flatnonzero(seg[r] == s)
+            assert where.size == len(samples[i].ids) and (tokens[r, where] == samples[i].ids).all()
+            assert (pos[r, where] == np.arange(where.size)).all()  # positions restart
+            labels = tokens[r, 1:][where]
+            texts = [tok.decode(labels[a:b].tolist()) for a, b in _runs(loss_mask[r, where])]
+            assert texts == _assistant_texts(convs[i])
+
+
+def test_packed_and_padded_rows_train_on_assistant_tokens_only(tok: Tokenizer) -> None:
+    convs = [_conversation()] + sft_conversations(40, seed=1)
+    samples, counts = fit_samples(_samples(tok, convs), SEQ, "truncate")
+    assert counts == {"kept": len(convs), "truncated": 0, "dropped": 0}
+    packs = pack(samples, SEQ, seed=0)
+    assert len(packs) < len(samples) and any(len(p) > 1 for p in packs)
+    _check_rows(tok, build_packed(samples, packs, SEQ, tok.pad_id), packs, samples, convs)
+    singles = [[i] for i in range(len(samples))]
+    _check_rows(tok, build_padded(samples, SEQ, tok.pad_id), singles, samples, convs)
+
+
+def test_attention_mask_is_block_diagonal_causal() -> None:
+    seg = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0]])
+    blocked = packed_attention_mask(seg)
+    assert blocked.shape == (1, 1, 8, 8) and blocked.dtype == torch.bool
+    for q in range(8):
+        for k in range(8):
+            same = seg[0, q] == seg[0, k] and seg[0, q] != 0
+            allowed = bool(same and k <= q) or (seg[0, q] == 0 and k == q)
+            assert bool(blocked[0, 0, q, k]) == (not allowed), (q, k)
+
+
+def test_packed_attention_equals_attention_per_sample() -> None:
+    torch.manual_seed(0)
+    lengths = [5, 3, 6]
+    seg = torch.tensor([[1] * 5 + [2] * 3 + [3] * 6 + [0] * 2])
+    x = torch.randn(1, 1, 16, 8)  # [b, heads, s, d]
+    blocked = packed_attention_mask(seg)
+    packed = torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=~blocked)
+    assert torch.isfinite(packed).all()  # padding rows are not empty
+    start = 0
+    for n in lengths:
+        part = x[:, :, start:start + n]
+        alone = torch.nn.functional.scaled_dot_product_attention(part, part, part, is_causal=True)
+        torch.testing.assert_close(packed[:, :, start:start + n], alone)
+        start += n
+
+
+def test_real_hh_dialogues_fit_and_pack(tok: Tokenizer, shared_data: Path) -> None:
+    pairs = read_hh_rlhf(shared_data / "hh_rlhf_harmless.jsonl")[:150]
+    convs = [p.prompt + [Message("assistant", p.chosen)] for p in pairs]
+    seq = 256
+    samples, counts = fit_samples(_samples(tok, convs), seq, "truncate")
+    assert counts["kept"] + counts["dropped"] == 150 and counts["truncated"] > 0
+    assert all(len(s.ids) <= seq and any(s.mask[1:]) for s in samples)
+    arrays = build_packed(samples, pack(samples, seq, seed=0), seq, tok.pad_id)
+    assert arrays["loss_mask"].sum() == sum(sum(s.mask[1:]) for s in samples)
+
+
+# ---- the embedded chat world ----------------------------------------------------------------
+
+def test_embedded_data_is_deterministic() -> None:
+    assert sft_conversations(30, seed=5) == sft_conversations(30, seed=5)
+    assert sft_conversations(50, seed=5)[:30] == sft_conversations(30, seed=5)
+    assert sft_conversations(30, seed=5) != sft_conversations(30, seed=6)
+    assert preference_pairs(30, seed=5) == preference_pairs(30, seed=5)
+    assert eval_prompts(30, seed=5) == eval_prompts(30, seed=5)
+
+
+def test_sft_conversations_are_correct_and_varied(tok: Tokenizer) -> None:
+    convs = sft_conversations(400, seed=0)
+    with_system = sum(c[0].role == "system" for c in convs)
+    two_turn = sum(sum(m.role == "assistant" for m in c) == 2 for c in convs)
+    assert 0.2 < with_system / 400 < 0.4 and 0.05 < two_turn / 400 < 0.25
+    for c in convs:
+        for i, m in enumerate(c):
+            if m.role == "assistant":
+                assert gold_reward(c[:i], m.content) == 1.0
+    # Short enough for tiny models even with this 400-piece tokenizer (mostly single bytes).
+    lengths = [len(tokenize_conversation(tok, c)[0]) for c in convs]
+    assert np.mean(lengths) < 80 and max(lengths) <= SEQ
+
+
+def test_preference_pairs_chosen_right_rejected_wrong() -> None:
+    pairs = preference_pairs(300, seed=0)
+    assert all(p.prompt[-1].role == "user" for p in pairs)
+    assert all(gold_reward(p.prompt, p.chosen) == 1.0 for p in pairs)
+    assert all(gold_reward(p.prompt, p.rejected) == 0.0 for p in pairs)
+
+
+def test_flip_swaps_about_that_fraction() -> None:
+    clean, noisy = preference_pairs(1000, seed=0), preference_pairs(1000, seed=0, flip=0.2)
+    flipped = 0
+    for a, b in zip(clean, noisy):
+        assert a.prompt == b.prompt
+        swapped = (b.chosen, b.rejected) == (a.rejected, a.chosen)
+        assert swapped or (b.chosen, b.rejected) == (a.chosen, a.rejected)
+        flipped += swapped
+    assert 0.16 < flipped / 1000 < 0.24
+
+
+def test_eval_prompts_are_held_out() -> None:
+    evals = eval_prompts(200, seed=0)
+    assert all(p[-1].role == "user" for p in evals)
+    seen = {m.content for c in sft_conversations(1000, seed=0) for m in c if m.role == "user"}
+    seen |= {p.prompt[-1].content for p in preference_pairs(1000, seed=0)}
+    assert not seen & {p[-1].content for p in evals}
+    assert {gold_reward(p, "nothing") for p in evals} == {0.0}

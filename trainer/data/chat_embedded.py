@@ -1,0 +1,124 @@
+"""The embedded assistant world for post-training: chat data drawn from corpus.py's task registry.
+
+SFT conversations, preference pairs and evaluation prompts are seeded and reproducible:
+item i of a set comes from its own `random.Random(f"chatforge-chat:{kind}:{seed}:{i}")`, so it
+depends only on (kind, seed, i) and a larger set extends a smaller one.
+
+Held-out tasks: a fixed tenth of the task space (decided by a hash of the family and its
+fields, not by the seed) never appears in SFT or preference data and is the only source of
+eval_prompts, so `gold_reward` on eval prompts measures answers to tasks the post-training
+stages did not see, whatever seeds they used. Pretraining documents do not apply this split.
+
+Responses are short (tiny models, 128-256 tokens of context) and phrased in a few styles;
+a rejected reply uses the same style as its chosen one, so only correctness differs.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Sequence
+
+from trainer.data.chat import ASSISTANT, Message
+from trainer.data.corpus import TASKS, TaskExample, is_correct, sample_task, wrong_answer
+from trainer.data.readers import PreferencePair
+
+SYSTEM_PROMPT = "You are a helpful assistant; answer briefly."
+SYSTEM_PROB = 0.3
+TWO_TURN_PROB = 0.15
+HELDOUT_BUCKETS = 10  # 1 in HELDOUT_BUCKETS tasks is held out for evaluation
+# How a reply wraps the answer. The scorer reads the LAST answer-like token, so nothing after
+# {explain}/{answer} may look like an answer (corpus.WORDS avoids the filler words).
+ANSWER_STYLES: tuple[str, ...] = (
+    "{explain}",
+    "Sure! {explain}",
+    "{explain} Happy to help!",
+    "The answer is {answer}.",
+)
+
+
+def _rng(kind: str, seed: int, i: int) -> random.Random:
+    # String seeds are hashed with SHA-512 by `random`: stable across runs and versions.
+    return random.Random(f"chatforge-chat:{kind}:{seed}:{i}")
+
+
+def is_heldout(example: TaskExample) -> bool:
+    """Whether the task (family and fields, whatever the template) is reserved for evaluation."""
+    key = f"{example.family}:{sorted(example.fields.items())}"
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % HELDOUT_BUCKETS == 0
+
+
+def _task(rng: random.Random, heldout: bool, families: Sequence[str] = ()) -> TaskExample:
+    while True:  # about 1 in 10 (or 9 in 10) draws qualify: a few tries at most
+        ex = sample_task(rng, rng.choice(families) if families else None)
+        if is_heldout(ex) == heldout:
+            return ex
+
+
+def _reply(ex: TaskExample, answer: str, style: str) -> str:
+    explain = TASKS[ex.family].explain(ex.fields, answer)
+    return style.format(explain=explain, answer=answer)
+
+
+def _opening(rng: random.Random) -> list[Message]:
+    return [Message("system", SYSTEM_PROMPT)] if rng.random() < SYSTEM_PROB else []
+
+
+def sft_conversations(n: int, seed: int, families: Sequence[str] = ()) -> list[list[Message]]:
+    """`n` conversations with correct answers: [system?] user assistant [user assistant]."""
+    out = []
+    for i in range(n):
+        rng = _rng("sft", seed, i)
+        conv = _opening(rng)
+        for _ in range(2 if rng.random() < TWO_TURN_PROB else 1):
+            ex = _task(rng, heldout=False, families=families)
+            conv += [Message("user", ex.prompt),
+                     Message(ASSISTANT, _reply(ex, ex.answer, rng.choice(ANSWER_STYLES)))]
+        out.append(conv)
+    return out
+
+
+def preference_pairs(n: int, seed: int, flip: float = 0.0,
+                     families: Sequence[str] = ()) -> list[PreferencePair]:
+    """`n` pairs: prompt [system?, user], chosen correct, rejected a plausible wrong answer.
+
+    With probability `flip` (simulated rater noise) chosen and rejected are swapped. The swap
+    draw happens for every item, so the same (n, seed) gives the same pairs for any flip,
+    only some of them swapped.
+    """
+    if not 0.0 <= flip <= 1.0:
+        raise ValueError(f"flip={flip} must be in [0, 1]")
+    out = []
+    for i in range(n):
+        rng = _rng("pref", seed, i)
+        prompt = _opening(rng)
+        ex = _task(rng, heldout=False, families=families)
+        prompt.append(Message("user", ex.prompt))
+        style = rng.choice(ANSWER_STYLES)
+        good = _reply(ex, ex.answer, style)
+        bad = _reply(ex, wrong_answer(ex, rng), style)
+        if rng.random() < flip:
+            good, bad = bad, good
+        out.append(PreferencePair(prompt, good, bad))
+    return out
+
+
+def eval_prompts(n: int, seed: int, families: Sequence[str] = ()) -> list[list[Message]]:
+    """`n` prompts [system?, user] on held-out tasks (see the module doc)."""
+    out = []
+    for i in range(n):
+        rng = _rng("eval", seed, i)
+        prompt = _opening(rng)
+        prompt.append(Message("user", _task(rng, heldout=True, families=families).prompt))
+        out.append(prompt)
+    return out
+
+
+def gold_reward(prompt_messages: Sequence[Message], response_text: str) -> float:
+    """1.0 if the response correctly answers the last user turn's task, else 0.0.
+
+    ValueError if that turn is not a task of the embedded world (no gold answer exists).
+    """
+    users = [m.content for m in prompt_messages if m.role == "user"]
+    if not users:
+        raise ValueError("gold_reward: the prompt has no user turn")
+    return 1.0 if is_correct(users[-1], response_text) else 0.0

@@ -1,0 +1,231 @@
+"""Data of the chat stages (SFT, reward model, DPO, best-of-N), prepared once per run.
+
+Where the tokenizer comes from, in order: the run's own `tokenizer/tokenizer.model` (a
+resume); `tokenizer.path`; the checkpoint named by `ckpt.load` (the model was trained with
+it, so it must be the same); otherwise one is trained on the stage's text. It is always
+copied to `<run.dir>/tokenizer/tokenizer.model`, so the next stage and every checkpoint find it.
+
+What each stage reads from `data.format`:
+    conversations (SFT)   embedded | chatml | alpaca | hh_rlhf / preference (prompt + chosen)
+    pairs (RM, DPO)       embedded | hh_rlhf | preference
+    prompts (best-of-N)   embedded | chatml | alpaca (all turns before the last assistant
+                          turn) | hh_rlhf / preference (the pair's prompt)
+
+Rank 0 builds the arrays and writes `<run.dir>/data/<kind>.npz` with a JSON marker (counts
+of kept, truncated and dropped samples); the other ranks load them after a barrier.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from trainer.data import chat_embedded
+from trainer.data.corpus import TASKS
+from trainer.data.chat import Message, prompt_ids, response_ids, tokenize_conversation, truncate
+from trainer.data.gpt_dataset import split_documents
+from trainer.data.indexed import atomic_write
+from trainer.data.packing import ChatSample, build_packed, build_padded, fit_samples, pack
+from trainer.data.readers import PreferencePair, read_conversations, read_pairs
+from trainer.data.tokenizer import Tokenizer
+
+Arrays = dict[str, np.ndarray]
+PAIR_FORMATS: tuple[str, ...] = ("embedded", "hh_rlhf", "preference")
+CONVERSATION_FORMATS: tuple[str, ...] = ("embedded", "chatml", "alpaca", "hh_rlhf", "preference")
+
+
+# ---- sources -------------------------------------------------------------------------------
+
+def _families(emb: Any) -> list[str]:
+    names = [f.strip() for f in str(emb.families).split(",") if f.strip()]
+    unknown = sorted(set(names) - set(TASKS))
+    if unknown:
+        raise ValueError(f"data.embedded.families={emb.families}: unknown {unknown}; known: {sorted(TASKS)}")
+    return names
+
+
+def conversations(cfg: Any) -> list[list[Message]]:
+    fmt, emb = str(cfg.data.format), cfg.data.embedded
+    if fmt == "embedded":
+        return chat_embedded.sft_conversations(int(emb.num_chats), int(emb.seed), _families(emb))
+    if fmt in ("hh_rlhf", "preference"):
+        return [[*p.prompt, Message("assistant", p.chosen)] for p in read_pairs(fmt, str(cfg.data.path))]
+    if fmt in CONVERSATION_FORMATS:
+        return read_conversations(fmt, str(cfg.data.path))
+    raise ValueError(f"data.format={fmt!r}: the SFT stage reads one of {CONVERSATION_FORMATS}")
+
+
+def pairs(cfg: Any) -> list[PreferencePair]:
+    fmt, emb = str(cfg.data.format), cfg.data.embedded
+    if fmt == "embedded":
+        return chat_embedded.preference_pairs(int(emb.num_pairs), int(emb.seed), float(emb.flip), _families(emb))
+    if fmt in PAIR_FORMATS:
+        return read_pairs(fmt, str(cfg.data.path))
+    raise ValueError(f"data.format={fmt!r}: preference stages read one of {PAIR_FORMATS}")
+
+
+def prompts(cfg: Any) -> list[list[Message]]:
+    """Prompts ending with a user turn (generation continues as the assistant)."""
+    fmt, emb = str(cfg.data.format), cfg.data.embedded
+    if fmt == "embedded":
+        return chat_embedded.eval_prompts(int(emb.num_prompts), int(emb.seed), _families(emb))
+    if fmt in PAIR_FORMATS:
+        return [p.prompt for p in read_pairs(fmt, str(cfg.data.path))]
+    found = []
+    for conv in conversations(cfg):
+        last = max(i for i, m in enumerate(conv) if m.role == "assistant")
+        found.append(conv[:last])
+    return found
+
+
+# ---- tokenizer ------------------------------------------------------------------------------
+
+def resolve_tokenizer(cfg: Any, run_dir: Path, texts: Callable[[], list[str]]) -> Path:
+    """Rank 0 only: the run's tokenizer (see the module docstring), copied into the run."""
+    own = run_dir / "tokenizer" / "tokenizer.model"
+    if own.is_file():
+        return own
+    own.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.tokenizer.path:
+        source = Path(str(cfg.tokenizer.path))
+        if not source.is_file():
+            raise FileNotFoundError(f"tokenizer.path: file not found: {source}")
+        shutil.copyfile(source, own)
+        return own
+    if cfg.ckpt.load:
+        from trainer.checkpointing import resolve_load_path, tokenizer_of
+
+        shutil.copyfile(tokenizer_of(resolve_load_path(Path(str(cfg.ckpt.load)))), own)
+        return own
+    from tools.tokenizer import train_tokenizer
+
+    corpus = run_dir / "data" / "tokenizer_corpus.txt"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(corpus, ("\n".join(t.replace("\n", " ") for t in texts()) + "\n").encode("utf-8"))
+    train_tokenizer(own.with_suffix(""), int(cfg.tokenizer.vocab_size), files=[corpus],
+                    model_type=str(cfg.tokenizer.model_type),
+                    character_coverage=float(cfg.tokenizer.character_coverage),
+                    max_sentences=int(cfg.tokenizer.max_sentences), seed=0)
+    return own
+
+
+def _conversation_texts(convs: list[list[Message]]) -> list[str]:
+    return [m.content for conv in convs for m in conv]
+
+
+# ---- arrays ---------------------------------------------------------------------------------
+
+def sft_arrays(cfg: Any, tok: Tokenizer, convs: list[list[Message]], seed: int) -> tuple[Arrays, dict[str, int]]:
+    """Tokenize, fit to model.seq_length (truncate or drop), then pack or pad."""
+    seq = int(cfg.model.seq_length)
+    samples = [ChatSample(*tokenize_conversation(tok, conv)) for conv in convs]
+    fitted, counts = fit_samples(samples, seq, str(cfg.data.overlong))
+    if not fitted:
+        return {}, counts
+    if bool(cfg.data.packing):
+        arrays = build_packed(fitted, pack(fitted, seq, seed), seq, tok.pad_id)
+    else:
+        arrays = build_padded(fitted, seq, tok.pad_id)
+    return arrays, counts
+
+
+def pair_arrays(cfg: Any, tok: Tokenizer, items: list[PreferencePair]) -> tuple[Arrays, dict[str, int]]:
+    """Each pair -> tokens [2, S+1] (chosen, rejected; right-padded) and a token-aligned
+    response mask [2, S+1]. Both sequences fit in the model's S inputs, so the reward can
+    be read at the response's last token."""
+    seq = int(cfg.model.seq_length)
+    drop = str(cfg.data.overlong) == "drop"
+    tokens, masks = [], []
+    counts = {"kept": 0, "truncated": 0, "dropped": 0}
+    for pair in items:
+        prompt = prompt_ids(tok, pair.prompt)
+        rows = [(prompt, response_ids(tok, text)) for text in (pair.chosen, pair.rejected)]
+        too_long = any(len(p) + len(r) > seq for p, r in rows)
+        if too_long and drop:
+            counts["dropped"] += 1
+            continue
+        counts["truncated" if too_long else "kept"] += 1
+        pair_tokens = np.full((2, seq + 1), tok.pad_id, dtype=np.int64)
+        pair_mask = np.zeros((2, seq + 1), dtype=np.float32)
+        for k, (p, r) in enumerate(rows):
+            p, r = truncate(p, r, seq)
+            pair_tokens[k, :len(p) + len(r)] = p + r
+            pair_mask[k, len(p):len(p) + len(r)] = 1.0
+        tokens.append(pair_tokens)
+        masks.append(pair_mask)
+    if not tokens:
+        return {}, counts
+    return {"tokens": np.stack(tokens), "response_mask": np.stack(masks)}, counts
+
+
+# ---- once per run ---------------------------------------------------------------------------
+
+def _save(path: Path, arrays: Arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, buf.getvalue())
+
+
+def _load(path: Path) -> Arrays:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _split(n: int, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
+    if n < 2:
+        raise ValueError(f"data: {n} usable samples; a chat stage needs at least 2 (train and eval)")
+    return split_documents(n, float(cfg.data.eval_fraction), int(cfg.data.split_seed))
+
+
+def prepare_chat_data(ctx: Any, kind: str, items: Optional[list[Any]] = None) -> tuple[Path, Arrays, Arrays]:
+    """(tokenizer path, train arrays, eval arrays) for kind "sft" or "pairs"; collective.
+    `items` replaces the configured data (rejection sampling trains on its winners)."""
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    data_dir = run_dir / "data"
+    marker = data_dir / f"{kind}.json"
+    if ctx.is_main and not marker.is_file():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if items is None:
+            items = conversations(cfg) if kind == "sft" else pairs(cfg)
+        texts = (lambda: _conversation_texts(items)) if kind == "sft" else (
+            lambda: _conversation_texts([[*p.prompt, Message("assistant", p.chosen),
+                                          Message("assistant", p.rejected)] for p in items]))
+        tok = Tokenizer(resolve_tokenizer(cfg, run_dir, texts))
+        train_idx, eval_idx = _split(len(items), cfg)
+        record: dict[str, Any] = {"format": str(cfg.data.format), "items": len(items)}
+        for part, idx in (("train", train_idx), ("eval", eval_idx)):
+            chosen = [items[int(i)] for i in idx]
+            if kind == "sft":
+                arrays, counts = sft_arrays(cfg, tok, chosen, int(cfg.seed))
+            else:
+                arrays, counts = pair_arrays(cfg, tok, chosen)
+            if not arrays:
+                raise ValueError(f"data: no {part} sample fits model.seq_length={cfg.model.seq_length} "
+                                 f"({counts}); use data.overlong=truncate or a longer model.seq_length")
+            _save(data_dir / f"{kind}_{part}.npz", arrays)
+            record[part] = {**counts, "rows": int(len(next(iter(arrays.values()))))}
+        atomic_write(marker, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
+        print(f"[chatforge] {kind} data ({cfg.data.format}): {json.dumps(record)}", flush=True)
+    ctx.barrier()
+    tok_path = run_dir / "tokenizer" / "tokenizer.model"
+    ctx.tokenizer_path = tok_path
+    return tok_path, _load(data_dir / f"{kind}_train.npz"), _load(data_dir / f"{kind}_eval.npz")
+
+
+def prepare_prompts(ctx: Any, limit: int = 0) -> tuple[Path, list[list[Message]]]:
+    """(tokenizer path, prompts): cheap, so every rank reads them; rank 0 fixes the
+    tokenizer first."""
+    cfg = ctx.cfg
+    found = prompts(cfg)
+    if limit > 0:
+        found = found[:limit]
+    if ctx.is_main:
+        resolve_tokenizer(cfg, ctx.run_dir, lambda: _conversation_texts(found))
+    ctx.barrier()
+    tok_path = ctx.run_dir / "tokenizer" / "tokenizer.model"
+    ctx.tokenizer_path = tok_path
+    return tok_path, found
