@@ -359,3 +359,7 @@ def main() -> None:
     sys.exit(COMMANDS[name](argv))
 
 
+
+
+if __name__ == "__main__":
+    main()

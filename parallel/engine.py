@@ -53,6 +53,7 @@ class Engine:
                  vocab_size: int, seed: int, optim: Optional[OptimConfig] = None,
                  total_steps: int = 1) -> None:
         self.model_cfg, self.parallel_cfg, self.topo = model_cfg, parallel_cfg, topo
+        self.vocab_size = vocab_size  # the tokenizer's; the model's rows are padded beyond it
         module = build_model(model_cfg, parallel_cfg, topo, vocab_size, seed)
         # The bare GPTModel: checkpoints use its keys (the DDP wrapper adds "module.").
         self.module = module

@@ -112,16 +112,8 @@ def run(args: dict[str, str], stdin: TextIO = sys.stdin, stdout: TextIO = sys.st
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(HELP)
-        return 0
-    try:
-        args = parse_args(argv)
-    except ValueError as exc:
-        print(f"chatforge chat: error: {exc}", file=sys.stderr)
-        return 2
-    return run(args)
+    """Started by `chatforge chat`, which has checked the arguments and answered --help."""
+    return run(parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -32,10 +32,12 @@ from trainer.data.indexed import atomic_write
 from trainer.data.packing import ChatSample, build_packed, build_padded, fit_samples, pack
 from trainer.data.readers import PreferencePair, read_conversations, read_pairs
 from trainer.data.tokenizer import Tokenizer
+from trainer.stages import STAGE_DATA
 
 Arrays = dict[str, np.ndarray]
-PAIR_FORMATS: tuple[str, ...] = ("embedded", "hh_rlhf", "preference")
-CONVERSATION_FORMATS: tuple[str, ...] = ("embedded", "chatml", "alpaca", "hh_rlhf", "preference")
+# What the stages read: one table, shared with the launcher's checks.
+PAIR_FORMATS: tuple[str, ...] = STAGE_DATA["rm"]
+CONVERSATION_FORMATS: tuple[str, ...] = STAGE_DATA["sft"]
 
 
 # ---- sources -------------------------------------------------------------------------------

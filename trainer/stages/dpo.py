@@ -42,6 +42,20 @@ def reference_step(batch: Batch, model: torch.nn.Module, device: torch.device) -
     return per_token, out
 
 
+def dpo_forward(batch: Batch, model: torch.nn.Module, device: torch.device, beta: float,
+                kind: str = "sigmoid", label_smoothing: float = 0.0) -> Any:
+    """Megatron forward_step for pairs with batch["ref_logps"] [2n] attached: DPO loss."""
+    per_token, mask = pair_logprobs(batch, model, device)
+    ref = batch["ref_logps"].to(per_token.device)
+
+    def loss_fn(output: torch.Tensor) -> Any:
+        logps = sequence_logprobs(output, mask)
+        return dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta=beta, kind=kind,
+                        label_smoothing=label_smoothing)
+
+    return per_token, loss_fn
+
+
 class DPOStage(SupervisedStage):
     """Policy and reference both start from ckpt.load (an SFT checkpoint); the reference
     stays frozen. Its log-probs are computed once for every pair before training
@@ -124,13 +138,6 @@ class DPOStage(SupervisedStage):
         return self._eval_cache
 
     def step_fn(self, batch: Batch, model: torch.nn.Module) -> Any:
-        per_token, mask = pair_logprobs(batch, model, self.ctx.device)
-        ref = batch["ref_logps"].to(per_token.device)
         dpo = self.cfg.dpo
-
-        def loss_fn(output: torch.Tensor) -> Any:
-            logps = sequence_logprobs(output, mask)
-            return dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta=float(dpo.beta),
-                            kind=str(dpo.loss), label_smoothing=float(dpo.label_smoothing))
-
-        return per_token, loss_fn
+        return dpo_forward(batch, model, self.ctx.device, float(dpo.beta), str(dpo.loss),
+                           float(dpo.label_smoothing))

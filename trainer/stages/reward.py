@@ -31,6 +31,18 @@ def rewards_of(values: torch.Tensor, batch: dict[str, torch.Tensor], reduce: str
     return read_reward(values.squeeze(-1).float(), mask, reduce)
 
 
+def rm_forward(batch: dict[str, torch.Tensor], model: torch.nn.Module, device: torch.device,
+               reduce: str = "last", margin: float = 0.0) -> Any:
+    """Megatron forward_step for pairs (rows 2i chosen, 2i+1 rejected): pairwise loss."""
+    values = reward_values(batch, model, device)
+
+    def loss_fn(output: torch.Tensor) -> Any:
+        rewards = rewards_of(output, batch, reduce)
+        return pairwise_reward_loss(rewards[0::2], rewards[1::2], margin)
+
+    return values, loss_fn
+
+
 class RewardModelStage(SupervisedStage):
     """From an SFT or pretrained checkpoint (ckpt.load: the LM head is replaced by a
     zero-initialised scalar head) or from scratch."""
@@ -56,11 +68,4 @@ class RewardModelStage(SupervisedStage):
         return 2 * int(self.cfg.train.global_batch) * int(self.cfg.model.seq_length)
 
     def step_fn(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
-        values = reward_values(batch, model, self.ctx.device)
-        reduce, margin = str(self.cfg.rm.reduce), float(self.cfg.rm.margin)
-
-        def loss_fn(output: torch.Tensor) -> Any:
-            rewards = rewards_of(output, batch, reduce)
-            return pairwise_reward_loss(rewards[0::2], rewards[1::2], margin)
-
-        return values, loss_fn
+        return rm_forward(batch, model, self.ctx.device, str(self.cfg.rm.reduce), float(self.cfg.rm.margin))
