@@ -121,7 +121,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "dpo_vs_2sft": [t["dpo"] / (2 * t["sft"]) for t in rounds],
     }
     return {
-        "args": vars(args),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "tokens_per_s": {k: tokens / statistics.median(t[k] for t in rounds) for k in ("pretrain", "sft", "rm")},
         "median": {k: statistics.median(v) for k, v in ratios.items()},
         "ratios": ratios,
