@@ -121,3 +121,103 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         "logp_rejected": _pair(policy_rejected.float().sum(), n),
         "kl": _pair((chosen_ratio + rejected_ratio).sum() / 2.0, n),
     }
+
+
+# ---- RLHF: rewards, advantages, policy and value losses (PPO, A2C) ---------------------------
+
+def kl_penalty_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
+                       mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token rewards of a response (Ziegler et al. 2019; InstructGPT eq. 2).
+
+    score: [b] reward-model score of each whole response.
+    logp, ref_logp: [b, t] log pi(a_t | s_t) and log pi_ref(a_t | s_t) of the response tokens.
+    mask: [b, t] {0, 1}, 1 on the response's tokens (rows may end at different t).
+    r_t = -beta (log pi - log pi_ref)_t, plus `score` at each row's last token.
+    Returns [b, t] (0 where mask is 0).
+    """
+    mask = mask.to(logp.dtype)
+    rewards = -beta * (logp - ref_logp) * mask
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+    return rewards.scatter_add(1, last.unsqueeze(1), score.to(rewards.dtype).unsqueeze(1))
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16).
+
+    rewards, values: [b, t]; mask: [b, t] {0, 1} (1 on response tokens, a prefix of each row).
+    delta_t = r_t + gamma V_{t+1} - V_t, with V = 0 after a row's last token (the episode ends);
+    A_t = sum_l (gamma lam)^l delta_{t+l};  returns R_t = A_t + V_t.
+    Returns (advantages, returns), both [b, t] and 0 where mask is 0.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (mean kept if not shift_mean); 0 elsewhere.
+    values, mask: [b, t]. The variance is the biased one (the mean of squares)."""
+    mask = mask.to(values.dtype)
+    count = mask.sum().clamp(min=1.0)
+    mean = (values * mask).sum() / count
+    var = (((values - mean) * mask) ** 2).sum() / count
+    out = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float) -> LossTerms:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), summed over response tokens.
+
+    logp, old_logp, advantages, mask: [b, t]. ratio = exp(logp - old_logp);
+    L = sum_t m_t max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)) over sum_t m_t tokens.
+    Metrics: loss, clip_fraction (share of tokens where the clipped term is taken), approx_kl
+    (mean of (ratio - 1) - log ratio, Schulman's k3 estimator of KL(old || new)).
+    """
+    mask = mask.to(logp.dtype)
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    total = (torch.maximum(unclipped, clipped) * mask).sum()
+    count = mask.sum()
+    return total, count.to(torch.int), {
+        "loss": _pair(total, count),
+        "clip_fraction": _pair(((clipped > unclipped).to(mask.dtype) * mask).sum(), count),
+        "approx_kl": _pair((((ratio - 1.0) - log_ratio) * mask).sum(), count),
+    }
+
+
+def a2c_policy_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> LossTerms:
+    """Advantage actor-critic policy loss (Mnih et al. 2016): L = -sum_t m_t A_t log pi(a_t|s_t)
+    over sum_t m_t tokens, one on-policy update per rollout, no ratio and no clipping.
+    logp, advantages, mask: [b, t]."""
+    mask = mask.to(logp.dtype)
+    total = -(advantages.detach() * logp * mask).sum()
+    count = mask.sum()
+    return total, count.to(torch.int), {"loss": _pair(total, count)}
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip: Optional[float]) -> LossTerms:
+    """Critic loss, summed over response tokens: 0.5 (V - R)^2, or PPO's clipped form
+    0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2) when `clip` is set.
+    values, old_values, returns, mask: [b, t]. Metric: loss (the same number)."""
+    mask = mask.to(values.dtype)
+    err = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        err = torch.maximum(err, (clipped - returns) ** 2)
+    total = 0.5 * (err * mask).sum()
+    count = mask.sum()
+    return total, count.to(torch.int), {"loss": _pair(total, count)}
