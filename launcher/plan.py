@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from omegaconf import OmegaConf
+
 GB = 1e9
 
 
@@ -151,18 +153,32 @@ class Memory:
     activations: dict[str, float]  # recompute mode -> bytes
     logits: float
     recompute: str  # the configured mode
+    frozen: float = 0.0  # weights of forward-only models (DPO's reference, best-of-N's)
 
     @property
     def total(self) -> float:
         return self.weights + self.grads + self.optimizer + self.activations[self.recompute] \
-            + self.logits
+            + self.logits + self.frozen
 
 
 def memory_per_device(cfg: Any) -> Memory:
+    """Per the stage: pairs double the rows of a microbatch (activations, logits), frozen
+    models add their weights, and a stage that does not train (best_of_n) holds no grads,
+    optimizer states or training activations."""
+    from trainer.stages import FROZEN_MODELS, NO_TRAINING, ROWS_PER_SAMPLE
+
+    stage = str(cfg.stage.name)
+    rows = ROWS_PER_SAMPLE.get(stage, 1)
+    if rows > 1:
+        cfg = OmegaConf.merge(cfg, {"train": {"micro_batch": int(cfg.train.micro_batch) * rows}})
     lay = layout_of(cfg)
     n = params_per_device(cfg)
     per = bytes_per_param(str(cfg.parallel.precision),
                           bool(cfg.parallel.distributed_optimizer), lay.dp)
+    frozen = FROZEN_MODELS.get(stage, 0) * n * per["weights"]
+    if stage in NO_TRAINING:
+        none = {mode: 0.0 for mode in ("none", "selective", "full")}
+        return Memory(0.0, 0.0, 0.0, none, 0.0, str(cfg.parallel.recompute), frozen)
     micro = max(1, int(cfg.train.global_batch) // (int(cfg.train.micro_batch) * lay.dp))
     # 1F1B: the first stage holds min(pp, microbatches) microbatches of its layers in flight.
     in_flight = (int(cfg.model.num_layers) // lay.pp) * min(lay.pp, micro)
@@ -173,7 +189,7 @@ def memory_per_device(cfg: Any) -> Memory:
     s, b = int(cfg.model.seq_length), int(cfg.train.micro_batch)
     logits = 4.0 * s * b * padded_vocab(cfg) / lay.tp  # fp32 logits for the loss, last stage
     return Memory(n * per["weights"], n * per["grads"], n * per["optimizer"], acts, logits,
-                  str(cfg.parallel.recompute))
+                  str(cfg.parallel.recompute), frozen)
 
 
 @dataclass(frozen=True)
@@ -229,7 +245,8 @@ def format_plan(cfg: Any) -> str:
                  f"on the busiest rank, {cfg.parallel.precision}, distributed optimizer "
                  f"{'on' if cfg.parallel.distributed_optimizer else 'off'}):")
     lines.append(f"  weights {mem.weights / GB:8.2f} GB   grads {mem.grads / GB:8.2f} GB   "
-                 f"optimizer {mem.optimizer / GB:8.2f} GB   logits {mem.logits / GB:6.2f} GB")
+                 f"optimizer {mem.optimizer / GB:8.2f} GB   logits {mem.logits / GB:6.2f} GB"
+                 + (f"   frozen models {mem.frozen / GB:8.2f} GB" if mem.frozen else ""))
     for mode, size in mem.activations.items():
         mark = "  <- parallel.recompute" if mode == mem.recompute else ""
         lines.append(f"  activations, recompute={mode:<9} {size / GB:8.2f} GB{mark}")

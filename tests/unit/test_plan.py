@@ -100,3 +100,18 @@ def test_plan_prints_layout_memory_cost_and_the_sbatch_script(tmp_path: Path) ->
                    "device-hours", "#SBATCH --gpus-per-node=8", "#SBATCH --nodes=2"):
         assert needle in out, needle
     assert not (tmp_path / "run").exists()
+
+
+def test_post_training_stages_in_the_memory_plan() -> None:
+    """DPO holds a frozen reference (its weights again) and runs chosen + rejected rows (twice
+    the activations and logits of SFT); best-of-N holds two frozen models and trains nothing."""
+    sft = memory_per_device(compose(*LLAMA_TP8, "stage=sft"))
+    dpo = memory_per_device(compose(*LLAMA_TP8, "stage=dpo"))
+    bon = memory_per_device(compose(*LLAMA_TP8, "stage=best_of_n", "ckpt.load=/", "best_of_n.reward=/"))
+    assert sft.frozen == 0.0
+    assert dpo.frozen == pytest.approx(sft.weights)  # 1.68 GB: the reference in bf16 on TP8
+    assert dpo.activations["none"] == pytest.approx(2 * sft.activations["none"])
+    assert dpo.logits == pytest.approx(2 * sft.logits)
+    assert dpo.total - sft.total == pytest.approx(sft.weights + sft.activations["none"] + sft.logits)
+    assert bon.grads == bon.optimizer == bon.activations["none"] == 0.0
+    assert bon.frozen == pytest.approx(2 * sft.weights)

@@ -29,6 +29,12 @@ STAGE_DATA: dict[str, tuple[str, ...]] = {
 }
 # The model head each stage trains or runs.
 STAGE_HEAD: dict[str, str] = {"rm": "scalar"}
+# For the launcher's memory plan: sequences per sample (a preference pair is two), frozen
+# copies of the model held next to the trained one (DPO's reference; best-of-N's policy
+# and reward model, assumed the same size), and whether the stage trains at all.
+ROWS_PER_SAMPLE: dict[str, int] = {"rm": 2, "dpo": 2}
+FROZEN_MODELS: dict[str, int] = {"dpo": 1, "best_of_n": 2, "rejection_sampling": 2}
+NO_TRAINING: tuple[str, ...] = ("best_of_n",)
 # Stages that sample from a policy and score with a reward model: both checkpoints needed.
 SAMPLING_STAGES: tuple[str, ...] = ("best_of_n", "rejection_sampling")
 
