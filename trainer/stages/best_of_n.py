@@ -27,6 +27,7 @@ from parallel.config import ModelConfig
 from parallel.engine import Engine
 from trainer.batches import pair_collate
 from trainer.checkpointing import CheckpointError, load_weights, resolve_load_path, source_model
+from trainer.config import SamplingConfig
 from trainer.data import chat_embedded
 from trainer.data.chat import Message, prompt_ids, truncate
 from trainer.data.chat_prepare import prepare_prompts
@@ -34,7 +35,6 @@ from trainer.data.indexed import atomic_write
 from trainer.data.tokenizer import Tokenizer
 from trainer.generation import generate
 from trainer.runtime import RunContext
-from trainer.config import SamplingConfig
 from trainer.stages.reward import reward_values, rewards_of
 from trainer.stages.sft import SFTStage
 
