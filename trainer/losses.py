@@ -34,6 +34,12 @@ def masked_token_loss(per_token_loss: torch.Tensor, loss_mask: Optional[torch.Te
     return total, count, {"loss": pair}
 
 
+def outputs_only(output: torch.Tensor, **values: torch.Tensor) -> LossTerms:
+    """For Engine.forward_outputs: no loss (a zero that keeps the schedule's contract), the
+    per-sample `values` as the third element (any shapes; not [sum, count] pairs)."""
+    return output.float().sum() * 0.0, torch.tensor(1, dtype=torch.int), values
+
+
 def _pair(total: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
     count = torch.as_tensor(count, dtype=total.dtype, device=total.device)
     return torch.stack([total.detach(), count.detach()])

@@ -135,6 +135,18 @@ def sft_arrays(cfg: Any, tok: Tokenizer, convs: list[list[Message]], seed: int) 
     return arrays, counts
 
 
+def response_row(prompt: list[int], response: list[int], seq: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """prompt + response, truncated to `seq` tokens (chat.truncate) and right-padded to
+    seq + 1 -> (tokens [S+1], token-aligned response mask [S+1]). The sequence fits in the
+    model's S inputs, so a reward can be read at the response's last token."""
+    prompt, response = truncate(prompt, response, seq)
+    tokens = np.full(seq + 1, pad_id, dtype=np.int64)
+    mask = np.zeros(seq + 1, dtype=np.float32)
+    tokens[:len(prompt) + len(response)] = prompt + response
+    mask[len(prompt):len(prompt) + len(response)] = 1.0
+    return tokens, mask
+
+
 def pair_arrays(cfg: Any, tok: Tokenizer, items: list[PreferencePair]) -> tuple[Arrays, dict[str, int]]:
     """Each pair -> tokens [2, S+1] (chosen, rejected; right-padded) and a token-aligned
     response mask [2, S+1]. Both sequences fit in the model's S inputs, so the reward can
@@ -151,14 +163,9 @@ def pair_arrays(cfg: Any, tok: Tokenizer, items: list[PreferencePair]) -> tuple[
             counts["dropped"] += 1
             continue
         counts["truncated" if too_long else "kept"] += 1
-        pair_tokens = np.full((2, seq + 1), tok.pad_id, dtype=np.int64)
-        pair_mask = np.zeros((2, seq + 1), dtype=np.float32)
-        for k, (p, r) in enumerate(rows):
-            p, r = truncate(p, r, seq)
-            pair_tokens[k, :len(p) + len(r)] = p + r
-            pair_mask[k, len(p):len(p) + len(r)] = 1.0
-        tokens.append(pair_tokens)
-        masks.append(pair_mask)
+        fitted = [response_row(p, r, seq, tok.pad_id) for p, r in rows]
+        tokens.append(np.stack([t for t, _ in fitted]))
+        masks.append(np.stack([m for _, m in fitted]))
     if not tokens:
         return {}, counts
     return {"tokens": np.stack(tokens), "response_mask": np.stack(masks)}, counts

@@ -145,10 +145,11 @@ class ArrayDataset:
     def sample(self, i: int) -> dict[str, np.ndarray]:
         if i < 0:
             raise IndexError(f"sample index {i} must be >= 0")
-        row = self.row(i)
-        out = {key: array[row] for key, array in self.arrays.items()}
-        out["index"] = np.int64(row)  # which sample: keys per-sample caches (DPO reference)
-        return out
+        return self.item(self.row(i))
+
+    def item(self, row: int) -> dict[str, np.ndarray]:
+        """Array row `row`, with its index (which keys per-sample caches: DPO's reference)."""
+        return {**{key: array[row] for key, array in self.arrays.items()}, "index": np.int64(row)}
 
 
 def stack_samples(samples: list[Any]) -> Batch:

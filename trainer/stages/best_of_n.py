@@ -25,15 +25,15 @@ from omegaconf import OmegaConf
 
 from parallel.config import ModelConfig
 from parallel.engine import Engine
-from trainer.batches import pair_collate
 from trainer.checkpointing import CheckpointError, load_weights, resolve_load_path, source_model
 from trainer.config import SamplingConfig
 from trainer.data import chat_embedded
-from trainer.data.chat import Message, prompt_ids, truncate
-from trainer.data.chat_prepare import prepare_prompts
+from trainer.data.chat import Message, prompt_ids
+from trainer.data.chat_prepare import prepare_prompts, response_row
 from trainer.data.indexed import atomic_write
 from trainer.data.tokenizer import Tokenizer
 from trainer.generation import generate
+from trainer.losses import outputs_only
 from trainer.runtime import RunContext
 from trainer.stages.reward import reward_values, rewards_of
 from trainer.stages.sft import SFTStage
@@ -66,24 +66,13 @@ class Scorer:
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
         seq = int(self.model.seq_length)
-        samples = []
-        for p, r in zip(prompts, responses):
-            p, r = truncate(p, r, seq)
-            tokens = np.full((1, seq + 1), self.tok.pad_id, dtype=np.int64)
-            mask = np.zeros((1, seq + 1), dtype=np.float32)
-            tokens[0, :len(p) + len(r)] = p + r
-            mask[0, len(p):len(p) + len(r)] = 1.0
-            samples.append({"tokens": tokens, "response_mask": mask})
-        batch = pair_collate(samples)
+        rows = [response_row(p, r, seq, self.tok.pad_id) for p, r in zip(prompts, responses)]
+        batch = {"tokens": torch.from_numpy(np.stack([t for t, _ in rows])),
+                 "response_mask": torch.from_numpy(np.stack([m for _, m in rows]))}
 
         def step(b: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
             values = reward_values(b, model, self.ctx.device)
-
-            def out(output: torch.Tensor) -> Any:
-                zero = output.float().sum() * 0.0
-                return zero, torch.tensor(1, dtype=torch.int), {"reward": rewards_of(output, b, self.reduce)}
-
-            return values, out
+            return values, lambda output: outputs_only(output, reward=rewards_of(output, b, self.reduce))
 
         outputs = self.engine.forward_outputs([batch], step, seq_length=seq)
         return [float(v) for v in outputs[0]["reward"]]

@@ -13,7 +13,7 @@ from trainer.checkpointing import load_weights
 from trainer.data.chat_prepare import prepare_chat_data
 from trainer.data.gpt_dataset import ArrayDataset, SampleLoader
 from trainer.data.tokenizer import Tokenizer
-from trainer.losses import dpo_loss, sequence_logprobs
+from trainer.losses import dpo_loss, outputs_only, sequence_logprobs
 from trainer.runtime import RunContext
 from trainer.stages.base import SupervisedStage
 
@@ -34,12 +34,7 @@ def pair_logprobs(batch: Batch, model: torch.nn.Module, device: torch.device) ->
 def reference_step(batch: Batch, model: torch.nn.Module, device: torch.device) -> Any:
     """forward_outputs step: sequence log-probs of every row under the frozen reference."""
     per_token, mask = pair_logprobs(batch, model, device)
-
-    def out(output: torch.Tensor) -> Any:
-        zero = output.float().sum() * 0.0
-        return zero, torch.tensor(1, dtype=torch.int), {"logps": sequence_logprobs(output, mask)}
-
-    return per_token, out
+    return per_token, lambda output: outputs_only(output, logps=sequence_logprobs(output, mask))
 
 
 def dpo_forward(batch: Batch, model: torch.nn.Module, device: torch.device, beta: float,
@@ -101,7 +96,7 @@ class DPOStage(SupervisedStage):
         mine: dict[int, tuple[float, float]] = {}
         for k in range(0, len(rows), mb):
             chunk = [int(r) for r in rows[k:k + mb]]
-            samples = [{**{key: a[r] for key, a in dataset.arrays.items()}, "index": np.int64(r)} for r in chunk]
+            samples = [dataset.item(r) for r in chunk]
             logps = self._reference_logps([pair_collate(samples)])[0].view(-1, 2)
             mine.update({r: (float(v[0]), float(v[1])) for r, v in zip(chunk, logps)})
         parts: list[Any] = [mine]
