@@ -46,3 +46,27 @@ def pair_collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     if "index" in samples[0]:
         batch["index"] = torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)
     return batch
+
+
+def split_rows(rows: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """Cut aligned row tensors (first dimension n) into microbatches of `size` rows, keeping
+    the key order (the engine reads the microbatch size from the first tensor). A short last
+    chunk is filled up with copies of row 0 whose "response_mask" (if any) is zeroed: the
+    pipeline's send/recv buffers need one microbatch size; callers drop the extra outputs."""
+    n = next(iter(rows.values())).shape[0]
+    chunks = []
+    for start in range(0, n, size):
+        chunk = {k: v[start:start + size] for k, v in rows.items()}
+        short = size - next(iter(chunk.values())).shape[0]
+        if short > 0:
+            fill = {k: v[:1].expand(short, *v.shape[1:]) for k, v in rows.items()}
+            if "response_mask" in fill:
+                fill["response_mask"] = torch.zeros_like(fill["response_mask"])
+            chunk = {k: torch.cat([chunk[k], fill[k]]) for k in rows}
+        chunks.append(chunk)
+    return chunks
+
+
+def join_outputs(outputs: list[dict[str, torch.Tensor]], n: int) -> dict[str, torch.Tensor]:
+    """Per-microbatch outputs of Engine.forward_outputs -> one tensor per key, first n rows."""
+    return {k: torch.cat([o[k] for o in outputs])[:n] for k in outputs[0]}

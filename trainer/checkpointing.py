@@ -371,6 +371,9 @@ class Checkpointer:
                 raise CheckpointError(f"ckpt.load={resume.directory}: the checkpoint's model differs "
                                       f"from this run's: {'; '.join(problems)}")
             sources = stage.load_sources()
+            if sources:
+                # Only the engines named there come from ckpt.load (a PPO critic does not).
+                engines = {name: engines[name] for name in sources}
             if str(source.get("head", "lm")) != str(self.ctx.cfg.model.head):
                 # LM -> scalar head (a reward model or critic from SFT): the new head starts
                 # from its own (zero) init; everything below it is loaded.
@@ -466,10 +469,13 @@ def resolve_load_path(path: Path) -> Path:
     raise CheckpointError(f"ckpt.load={path}: no checkpoint found (no latest file, not a step_NNNNNN dir)")
 
 
-def load_weights(path: str | Path, engines: dict[str, Any], model: Any, sources: Optional[dict[str, str]] = None) -> Path:
+def load_weights(path: str | Path, engines: dict[str, Any], model: Any, sources: Optional[dict[str, str]] = None,
+                 keep_init: tuple[str, ...] = ()) -> Path:
     """Weights of a finished run's checkpoint (a run dir, its checkpoints/ dir or a step dir)
     into engines built with `model` (frozen references, reward models, generation
-    policies); collective. The checkpoint is verified first. Returns its step directory."""
+    policies, a critic); collective. The checkpoint is verified first. `keep_init`: model
+    key prefixes left at their initial values (a scalar head on an LM checkpoint). Returns
+    its step directory."""
     from parallel.checkpoint import load_engines
 
     directory = resolve_load_path(Path(path))
@@ -479,5 +485,5 @@ def load_weights(path: str | Path, engines: dict[str, Any], model: Any, sources:
     mismatch = model_mismatch(source_model(directory), model)
     if mismatch:
         raise CheckpointError(f"{directory}: the checkpoint's model differs: {'; '.join(mismatch)}")
-    load_engines(engines, directory / "shards", with_optimizer=False, sources=sources)
+    load_engines(engines, directory / "shards", with_optimizer=False, sources=sources, keep_init=keep_init)
     return directory

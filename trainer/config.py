@@ -44,6 +44,11 @@ class EmbeddedDataConfig:
     # Task families of the chat data, comma-separated (trainer/data/corpus.py: add,
     # subtract, compare, reverse, uppercase, count_letter); empty: all of them.
     families: str = ""
+    # What the preference pairs prefer: "correct" (chosen answers correctly, rejected gives a
+    # plausible wrong answer in the same style) or "brief" (both correct; chosen in the
+    # brief style "The answer is X.", which only a quarter of the SFT replies use: a property
+    # an RLHF policy can learn to show more often).
+    prefer: str = "correct"
     seed: int = 0
 
 
@@ -130,7 +135,7 @@ class DPOConfig:
 
 @dataclass
 class SamplingConfig:
-    """How responses are sampled (best-of-N, rejection sampling, chat, and later PPO)."""
+    """How responses are sampled (best-of-N, rejection sampling, chat, PPO and A2C rollouts)."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0  # 0: greedy
@@ -151,6 +156,42 @@ class BestOfNConfig:
     reward: str = ""
     # Prompts taken from the data (0: all of them).
     num_prompts: int = 0
+
+
+@dataclass
+class PPOConfig:
+    """RLHF (stage=ppo and stage=a2c): actor and reference from ckpt.load (an SFT run), a
+    frozen reward model and a trainable critic. train.steps counts iterations (one rollout
+    and its updates each); train.global_batch is the sequences per optimizer step."""
+
+    # The reward model: a run dir, its checkpoints/ dir or a step dir (required).
+    reward: str = ""
+    # Where the critic starts: "reward" (the reward model, as InstructGPT) or "policy" (the
+    # SFT checkpoint with a fresh zero-initialised scalar head).
+    critic_init: str = "reward"
+    # The critic's learning rate (0: optim.lr); it shares optim's other settings.
+    critic_lr: float = 0.0
+    # Prompts (one response each) per iteration over all data-parallel ranks.
+    rollout_batch: int = 16
+    # PPO: passes over each rollout, each split into rollout_batch / train.global_batch
+    # minibatches (one optimizer step each). A2C makes one update on the whole rollout.
+    epochs: int = 2
+    clip: float = 0.2  # PPO ratio clip epsilon
+    value_clip: float = 0.2  # PPO value clip (0: off); A2C never clips
+    # KL penalty beta on log pi - log pi_ref per token: fixed, or adaptive when kl_target > 0
+    # (Ziegler et al. 2019: beta moves so that the sequence KL approaches kl_target).
+    kl_coef: float = 0.05
+    kl_target: float = 0.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    # Entropy bonus: minus entropy_coef x the mean per-token entropy is added to the policy loss.
+    entropy_coef: float = 0.0
+    # PPO-ptx (InstructGPT eq. 2): ptx_coef x the SFT loss on the data's conversations.
+    ptx_coef: float = 0.0
+    # Subtracted from the reward-model score of a response cut by sampling.max_new_tokens.
+    missing_eos_penalty: float = 0.0
 
 
 @dataclass
@@ -183,5 +224,6 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     seed: int = 1234
     logger: str = "wandb"  # wandb | none

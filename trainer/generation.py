@@ -16,13 +16,18 @@ they are given: pass e.g. `seed + dp_rank` for independent streams.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import torch
 
 from parallel.inference import IncrementalForward, real_vocab_size
 from trainer.config import SamplingConfig  # the schema of the `sampling` config group
+
+
+def sampling_config(cfg: Any) -> SamplingConfig:
+    """The run config's `sampling` group as the dataclass."""
+    return SamplingConfig(**{f.name: cfg.sampling[f.name] for f in fields(SamplingConfig)})
 
 
 def check_sampling(sampling: SamplingConfig) -> None:

@@ -168,17 +168,29 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[count, sum, sum of squares] (float64) of the masked entries of values [b, t]: add
+    them over data-parallel ranks to whiten over the whole rollout."""
+    m = mask.to(torch.float64)
+    v = values.to(torch.float64) * m
+    return torch.stack([m.sum(), v.sum(), (v * v).sum()])
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           moments: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(x - mean) / std over the masked entries (mean kept if not shift_mean); 0 elsewhere.
-    values, mask: [b, t]. The variance is the biased one (the mean of squares)."""
-    mask = mask.to(values.dtype)
-    count = mask.sum().clamp(min=1.0)
-    mean = (values * mask).sum() / count
-    var = (((values - mean) * mask) ** 2).sum() / count
+    values, mask: [b, t]. The variance is the biased one (the mean of squares).
+    `moments`: masked_moments summed over several ranks (default: this batch's own)."""
+    if moments is None:
+        moments = masked_moments(values, mask)
+    count = moments[0].clamp(min=1.0)
+    mean = moments[1] / count
+    var = (moments[2] / count - mean * mean).clamp(min=0.0)
+    mean, var = mean.to(values.dtype), var.to(values.dtype)
     out = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return out * mask.to(values.dtype)
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,

@@ -34,6 +34,8 @@ ANSWER_STYLES: tuple[str, ...] = (
     "{explain} Happy to help!",
     "The answer is {answer}.",
 )
+BRIEF_STYLE = ANSWER_STYLES[-1]  # what data.embedded.prefer=brief prefers
+PREFERENCES: tuple[str, ...] = ("correct", "brief")
 
 
 def _rng(kind: str, seed: int, i: int) -> random.Random:
@@ -77,16 +79,21 @@ def sft_conversations(n: int, seed: int, families: Sequence[str] = ()) -> list[l
     return out
 
 
-def preference_pairs(n: int, seed: int, flip: float = 0.0,
-                     families: Sequence[str] = ()) -> list[PreferencePair]:
-    """`n` pairs: prompt [system?, user], chosen correct, rejected a plausible wrong answer.
+def preference_pairs(n: int, seed: int, flip: float = 0.0, families: Sequence[str] = (),
+                     prefer: str = "correct") -> list[PreferencePair]:
+    """`n` pairs: prompt [system?, user] and two replies.
 
+    prefer="correct": chosen answers correctly, rejected gives a plausible wrong answer in
+    the same style (only correctness differs). prefer="brief": both answer correctly, chosen
+    in BRIEF_STYLE, rejected in one of the other styles (only the style differs).
     With probability `flip` (simulated rater noise) chosen and rejected are swapped. The swap
     draw happens for every item, so the same (n, seed) gives the same pairs for any flip,
     only some of them swapped.
     """
     if not 0.0 <= flip <= 1.0:
         raise ValueError(f"flip={flip} must be in [0, 1]")
+    if prefer not in PREFERENCES:
+        raise ValueError(f"data.embedded.prefer={prefer!r}: must be one of {PREFERENCES}")
     out = []
     for i in range(n):
         rng = _rng("pref", seed, i)
@@ -96,10 +103,29 @@ def preference_pairs(n: int, seed: int, flip: float = 0.0,
         style = rng.choice(ANSWER_STYLES)
         good = _reply(ex, ex.answer, style)
         bad = _reply(ex, wrong_answer(ex, rng), style)
+        if prefer == "brief":
+            good = _reply(ex, ex.answer, BRIEF_STYLE)
+            bad = _reply(ex, ex.answer, rng.choice(ANSWER_STYLES[:-1]))
         if rng.random() < flip:
             good, bad = bad, good
         out.append(PreferencePair(prompt, good, bad))
     return out
+
+
+def train_prompts(n: int, seed: int, families: Sequence[str] = ()) -> list[list[Message]]:
+    """`n` prompts [system?, user] on training (not held-out) tasks: RLHF rollouts."""
+    out = []
+    for i in range(n):
+        rng = _rng("rl", seed, i)
+        prompt = _opening(rng)
+        prompt.append(Message("user", _task(rng, heldout=False, families=families).prompt))
+        out.append(prompt)
+    return out
+
+
+def is_brief(response_text: str) -> bool:
+    """Whether a reply is in BRIEF_STYLE ("The answer is ...")."""
+    return response_text.strip().startswith(BRIEF_STYLE.split("{")[0].strip())
 
 
 def eval_prompts(n: int, seed: int, families: Sequence[str] = ()) -> list[list[Message]]:
@@ -113,12 +139,16 @@ def eval_prompts(n: int, seed: int, families: Sequence[str] = ()) -> list[list[M
     return out
 
 
-def gold_reward(prompt_messages: Sequence[Message], response_text: str) -> float:
-    """1.0 if the response correctly answers the last user turn's task, else 0.0.
+def gold_reward(prompt_messages: Sequence[Message], response_text: str, prefer: str = "correct") -> float:
+    """The true preference that the embedded pairs (data.embedded.prefer) encode, scored:
+    "correct": 1.0 if the response correctly answers the last user turn's task, else 0.0;
+    "brief": 1.0 if the response is in BRIEF_STYLE, else 0.0.
 
     ValueError if that turn is not a task of the embedded world (no gold answer exists).
     """
     users = [m.content for m in prompt_messages if m.role == "user"]
     if not users:
         raise ValueError("gold_reward: the prompt has no user turn")
+    if prefer == "brief":
+        return 1.0 if is_brief(response_text) else 0.0
     return 1.0 if is_correct(users[-1], response_text) else 0.0

@@ -64,16 +64,21 @@ def conversations(cfg: Any) -> list[list[Message]]:
 def pairs(cfg: Any) -> list[PreferencePair]:
     fmt, emb = str(cfg.data.format), cfg.data.embedded
     if fmt == "embedded":
-        return chat_embedded.preference_pairs(int(emb.num_pairs), int(emb.seed), float(emb.flip), _families(emb))
+        return chat_embedded.preference_pairs(int(emb.num_pairs), int(emb.seed), float(emb.flip),
+                                              _families(emb), str(emb.prefer))
     if fmt in PAIR_FORMATS:
         return read_pairs(fmt, str(cfg.data.path))
     raise ValueError(f"data.format={fmt!r}: preference stages read one of {PAIR_FORMATS}")
 
 
-def prompts(cfg: Any) -> list[list[Message]]:
-    """Prompts ending with a user turn (generation continues as the assistant)."""
+def prompts(cfg: Any, split: str = "eval") -> list[list[Message]]:
+    """Prompts ending with a user turn (generation continues as the assistant). The
+    embedded world gives held-out tasks for split="eval" and training tasks (data.embedded
+    .num_chats of them) for split="train"; a file gives all of its prompts."""
     fmt, emb = str(cfg.data.format), cfg.data.embedded
     if fmt == "embedded":
+        if split == "train":
+            return chat_embedded.train_prompts(int(emb.num_chats), int(emb.seed), _families(emb))
         return chat_embedded.eval_prompts(int(emb.num_prompts), int(emb.seed), _families(emb))
     if fmt in PAIR_FORMATS:
         return [p.prompt for p in read_pairs(fmt, str(cfg.data.path))]
@@ -82,6 +87,15 @@ def prompts(cfg: Any) -> list[list[Message]]:
         last = max(i for i, m in enumerate(conv) if m.role == "assistant")
         found.append(conv[:last])
     return found
+
+
+def gold_of(cfg: Any) -> Optional[Callable[[list[Message], str], float]]:
+    """The embedded world's gold reward for this run's data (data.embedded.prefer), as a
+    function of (prompt, response text); None for a user's file (no gold answers)."""
+    if str(cfg.data.format) != "embedded":
+        return None
+    prefer = str(cfg.data.embedded.prefer)
+    return lambda messages, text: chat_embedded.gold_reward(messages, text, prefer)
 
 
 # ---- tokenizer ------------------------------------------------------------------------------
@@ -225,16 +239,34 @@ def prepare_chat_data(ctx: Any, kind: str, items: Optional[list[Any]] = None) ->
     return tok_path, _load(data_dir / f"{kind}_train.npz"), _load(data_dir / f"{kind}_eval.npz")
 
 
-def prepare_prompts(ctx: Any, limit: int = 0) -> tuple[Path, list[list[Message]]]:
-    """(tokenizer path, prompts): cheap, so every rank reads them; rank 0 fixes the
-    tokenizer first."""
-    cfg = ctx.cfg
-    found = prompts(cfg)
-    if limit > 0:
-        found = found[:limit]
+def _fix_tokenizer(ctx: Any, found: list[list[Message]]) -> Path:
     if ctx.is_main:
-        resolve_tokenizer(cfg, ctx.run_dir, lambda: _conversation_texts(found))
+        resolve_tokenizer(ctx.cfg, ctx.run_dir, lambda: _conversation_texts(found))
     ctx.barrier()
     tok_path = ctx.run_dir / "tokenizer" / "tokenizer.model"
     ctx.tokenizer_path = tok_path
-    return tok_path, found
+    return tok_path
+
+
+def prepare_prompts(ctx: Any, limit: int = 0) -> tuple[Path, list[list[Message]]]:
+    """(tokenizer path, prompts): cheap, so every rank reads them; rank 0 fixes the
+    tokenizer first."""
+    found = prompts(ctx.cfg)
+    if limit > 0:
+        found = found[:limit]
+    return _fix_tokenizer(ctx, found), found
+
+
+def prepare_rl_prompts(ctx: Any) -> tuple[Path, list[list[Message]], list[list[Message]]]:
+    """(tokenizer path, training prompts, evaluation prompts) for PPO and A2C. Embedded:
+    training tasks and held-out ones (data.embedded.num_prompts); a file: its prompts split
+    by data.eval_fraction (evaluation capped at data.embedded.num_prompts)."""
+    cfg = ctx.cfg
+    if str(cfg.data.format) == "embedded":
+        train, evals = prompts(cfg, "train"), prompts(cfg, "eval")
+    else:
+        found = prompts(cfg, "train")
+        train_idx, eval_idx = _split(len(found), cfg)
+        train = [found[int(i)] for i in train_idx]
+        evals = [found[int(i)] for i in eval_idx][:int(cfg.data.embedded.num_prompts)]
+    return _fix_tokenizer(ctx, train + evals), train, evals

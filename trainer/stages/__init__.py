@@ -14,6 +14,8 @@ STAGES: dict[str, str] = {
     "dpo": "trainer.stages.dpo:DPOStage",
     "best_of_n": "trainer.stages.best_of_n:BestOfNJob",
     "rejection_sampling": "trainer.stages.best_of_n:RejectionSamplingStage",
+    "ppo": "trainer.stages.ppo:PPOStage",
+    "a2c": "trainer.stages.ppo:A2CStage",
 }
 
 # The data formats each stage reads (data.format); the launcher checks them before a run.
@@ -26,17 +28,23 @@ STAGE_DATA: dict[str, tuple[str, ...]] = {
     "dpo": _PAIRS,
     "best_of_n": _CHATS,
     "rejection_sampling": _CHATS,
+    "ppo": _CHATS,
+    "a2c": _CHATS,
 }
 # The model head each stage trains or runs.
 STAGE_HEAD: dict[str, str] = {"rm": "scalar"}
 # For the launcher's memory plan: sequences per sample (a preference pair is two), frozen
 # copies of the model held next to the trained one (DPO's reference; best-of-N's policy
-# and reward model, assumed the same size), and whether the stage trains at all.
+# and reward model, assumed the same size), more models trained beside it (the PPO/A2C
+# critic, with its optimizer) and whether the stage trains at all.
 ROWS_PER_SAMPLE: dict[str, int] = {"rm": 2, "dpo": 2}
-FROZEN_MODELS: dict[str, int] = {"dpo": 1, "best_of_n": 2, "rejection_sampling": 2}
+FROZEN_MODELS: dict[str, int] = {"dpo": 1, "best_of_n": 2, "rejection_sampling": 2, "ppo": 2, "a2c": 2}
+EXTRA_TRAINED_MODELS: dict[str, int] = {"ppo": 1, "a2c": 1}
 NO_TRAINING: tuple[str, ...] = ("best_of_n",)
 # Stages that sample from a policy and score with a reward model: both checkpoints needed.
 SAMPLING_STAGES: tuple[str, ...] = ("best_of_n", "rejection_sampling")
+# RLHF stages: a policy (ckpt.load) optimised against a reward model (ppo.reward).
+RL_STAGES: tuple[str, ...] = ("ppo", "a2c")
 
 
 def build_stage(ctx: Any) -> Any:

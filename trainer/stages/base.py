@@ -39,7 +39,8 @@ class Stage(ABC):
 
     def load_sources(self) -> dict[str, str]:
         """For ckpt.load from another stage's checkpoint: engine name -> the name it was
-        saved under there (default: the same name)."""
+        saved under there. Empty (the default): every engine, under its own name; otherwise
+        only the engines named here are loaded, the others keep what the stage gave them."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -14,72 +14,23 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
-import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from parallel.config import ModelConfig
 from parallel.engine import Engine
-from trainer.checkpointing import CheckpointError, load_weights, resolve_load_path, source_model
-from trainer.config import SamplingConfig
-from trainer.data import chat_embedded
 from trainer.data.chat import Message, prompt_ids
-from trainer.data.chat_prepare import prepare_prompts, response_row
+from trainer.data.chat_prepare import gold_of, prepare_prompts
 from trainer.data.indexed import atomic_write
 from trainer.data.tokenizer import Tokenizer
-from trainer.generation import generate
-from trainer.losses import outputs_only
+from trainer.generation import generate, sampling_config
 from trainer.runtime import RunContext
-from trainer.stages.reward import reward_values, rewards_of
+from trainer.stages.reward import Scorer, frozen_from
 from trainer.stages.sft import SFTStage
 
 RESULTS, SUMMARY = "best_of_n.jsonl", "best_of_n.json"
-
-
-def sampling_config(cfg: Any) -> SamplingConfig:
-    return SamplingConfig(**{f.name: cfg.sampling[f.name] for f in fields(SamplingConfig)})
-
-
-def frozen_from(ctx: RunContext, path: str, model: Any, vocab_size: int) -> Engine:
-    """A forward-only engine with the weights of the checkpoint at `path`."""
-    engine = Engine(model, ctx.cfg.parallel, ctx.topo, vocab_size=vocab_size, seed=int(ctx.cfg.seed))
-    load_weights(path, {"model": engine}, model)
-    return engine
-
-
-class Scorer:
-    """The reward model of a finished RM run, at this run's layout."""
-
-    def __init__(self, ctx: RunContext, path: str, tok: Tokenizer) -> None:
-        directory = resolve_load_path(Path(path))
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), source_model(directory))
-        if merged.head != "scalar":
-            raise CheckpointError(f"best_of_n.reward={path}: model.head={merged.head}, not a reward model")
-        self.ctx, self.model, self.tok = ctx, merged, tok
-        self.reduce = str(OmegaConf.load(directory / "config.yaml").rm.reduce)
-        self.engine = frozen_from(ctx, str(directory), merged, tok.vocab_size)
-
-    def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
-        seq = int(self.model.seq_length)
-        rows = [response_row(p, r, seq, self.tok.pad_id) for p, r in zip(prompts, responses)]
-        batch = {"tokens": torch.from_numpy(np.stack([t for t, _ in rows])),
-                 "response_mask": torch.from_numpy(np.stack([m for _, m in rows]))}
-
-        def step(b: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
-            values = reward_values(b, model, self.ctx.device)
-            return values, lambda output: outputs_only(output, reward=rewards_of(output, b, self.reduce))
-
-        outputs = self.engine.forward_outputs([batch], step, seq_length=seq)
-        return [float(v) for v in outputs[0]["reward"]]
-
-
-def _gold(messages: list[Message], text: str, embedded: bool) -> Optional[float]:
-    return chat_embedded.gold_reward(messages, text) if embedded else None
 
 
 def _sample_prompts(ctx: RunContext, tok: Tokenizer, policy: Engine, scorer: Scorer,
@@ -88,7 +39,7 @@ def _sample_prompts(ctx: RunContext, tok: Tokenizer, policy: Engine, scorer: Sco
     cfg, topo = ctx.cfg, ctx.topo
     n, per_batch = int(cfg.best_of_n.n), int(cfg.sampling.batch)
     sampling = sampling_config(cfg)
-    embedded = str(cfg.data.format) == "embedded"
+    gold = gold_of(cfg)
     mine = list(range(topo.dp_rank, len(prompts), topo.dp))
     records = []
     started = time.perf_counter()
@@ -106,7 +57,7 @@ def _sample_prompts(ctx: RunContext, tok: Tokenizer, policy: Engine, scorer: Sco
             records.append({
                 "index": i, "prompt": [m.__dict__ for m in prompts[i]], "responses": texts,
                 "scores": got, "best": best, "best_response": texts[best],
-                "gold": [_gold(prompts[i], t, embedded) for t in texts],
+                "gold": [gold(prompts[i], t) if gold else None for t in texts],
             })
         if ctx.is_main:
             done = min(k + per_batch, len(mine))

@@ -1,16 +1,21 @@
 """Reward model: the GPT with a scalar head, trained on preference pairs."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from parallel.config import ModelConfig
 from parallel.engine import Engine
-from trainer.batches import causal_mask, pair_collate
-from trainer.data.chat_prepare import prepare_chat_data
+from trainer.batches import causal_mask, join_outputs, pair_collate, split_rows
+from trainer.checkpointing import CheckpointError, load_weights, resolve_load_path, source_model, tokenizer_of
+from trainer.data.chat_prepare import prepare_chat_data, response_row
 from trainer.data.gpt_dataset import ArrayDataset, SampleLoader
 from trainer.data.tokenizer import Tokenizer
-from trainer.losses import pairwise_reward_loss, read_reward
+from trainer.losses import outputs_only, pairwise_reward_loss, read_reward
 from trainer.runtime import RunContext
 from trainer.stages.base import SupervisedStage
 
@@ -69,3 +74,51 @@ class RewardModelStage(SupervisedStage):
 
     def step_fn(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
         return rm_forward(batch, model, self.ctx.device, str(self.cfg.rm.reduce), float(self.cfg.rm.margin))
+
+
+# ---- a finished reward model, used by other stages ----------------------------------------
+
+def frozen_from(ctx: RunContext, path: str, model: Any, vocab_size: int) -> Engine:
+    """A forward-only engine with the weights of the checkpoint at `path`."""
+    engine = Engine(model, ctx.cfg.parallel, ctx.topo, vocab_size=vocab_size, seed=int(ctx.cfg.seed))
+    load_weights(path, {"model": engine}, model)
+    return engine
+
+
+def reward_model_of(path: str, key: str, tok: Tokenizer) -> tuple[Path, DictConfig]:
+    """(step dir, model config) of the reward model checkpoint that config key `key` names;
+    CheckpointError if it is not a scalar-head model or was trained with another tokenizer."""
+    directory = resolve_load_path(Path(path))
+    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), source_model(directory))
+    if model.head != "scalar":
+        raise CheckpointError(f"{key}={path}: model.head={model.head}, not a reward model")
+    if tokenizer_of(directory).read_bytes() != Path(tok.path).read_bytes():
+        raise CheckpointError(f"{key}={path}: trained with another tokenizer than this run's "
+                              f"({tok.path}); its scores would read other token ids")
+    return directory, model
+
+
+class Scorer:
+    """The reward model of a finished RM run, at this run's layout, with its own model
+    config (it may differ in size from the policy). Rows are scored `micro_batch` at a time."""
+
+    def __init__(self, ctx: RunContext, path: str, tok: Tokenizer, key: str = "best_of_n.reward",
+                 micro_batch: int = 0) -> None:
+        directory, self.model = reward_model_of(path, key, tok)
+        self.ctx, self.tok, self.micro_batch = ctx, tok, micro_batch
+        self.reduce = str(OmegaConf.load(directory / "config.yaml").rm.reduce)
+        self.engine = frozen_from(ctx, str(directory), self.model, tok.vocab_size)
+
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
+        seq = int(self.model.seq_length)
+        rows = [response_row(p, r, seq, self.tok.pad_id) for p, r in zip(prompts, responses)]
+        batch = {"tokens": torch.from_numpy(np.stack([t for t, _ in rows])),
+                 "response_mask": torch.from_numpy(np.stack([m for _, m in rows]))}
+
+        def step(b: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
+            values = reward_values(b, model, self.ctx.device)
+            return values, lambda output: outputs_only(output, reward=rewards_of(output, b, self.reduce))
+
+        chunks = split_rows(batch, self.micro_batch or len(rows))
+        outputs = self.engine.forward_outputs(chunks, step, seq_length=seq)
+        return [float(v) for v in join_outputs(outputs, len(rows))["reward"]]

@@ -1,0 +1,290 @@
+"""Rollouts for PPO and A2C: prompts -> responses -> log-probs, values, rewards, advantages.
+
+Layout of a rollout on one data-parallel rank (n responses): a row is prompt + response,
+right-padded to S+1 tokens (chat_prepare.response_row; S = model.seq_length), so plain
+causal attention with positions 0.. applies and the padding never influences a response
+token. Every per-token tensor is [n, S] and aligned with the model's labels: column j is
+the action "token j+1" taken in the state "tokens 0..j". `mask` [n, S] is 1 on the
+response's tokens (one contiguous run per row, the stop token included).
+
+The four models are four parallel.Engine objects at this run's TP/PP layout: the actor
+(the policy, LM head), the reference (frozen copy of the SFT policy), the critic (scalar
+head, trainable) and the reward model (scalar head, frozen; trainer.stages.reward.Scorer).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from parallel.engine import Engine
+from parallel.vocab import logprobs_and_entropy
+from trainer.batches import causal_mask, join_outputs, split_rows
+from trainer.config import SamplingConfig
+from trainer.data.chat_prepare import response_row
+from trainer.data.tokenizer import Tokenizer
+from trainer.generation import generate
+from trainer.losses import gae, kl_penalty_rewards, masked_moments, outputs_only, whiten
+from trainer.stages.reward import Scorer
+
+Batch = dict[str, torch.Tensor]
+
+
+# ---- what a rollout needs besides the models ---------------------------------------------
+
+@dataclass
+class PromptSampler:
+    """Prompt indices in a fresh seeded permutation each epoch over `count` prompts; the
+    whole state is how many were taken (Megatron's consumed samples)."""
+
+    count: int
+    seed: int
+    consumed: int = 0
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        for k in range(self.consumed, self.consumed + n):
+            epoch, offset = divmod(k, self.count)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.count)
+            out.append(int(order[offset]))
+        self.consumed += n
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed = int(state["consumed"])
+
+
+@dataclass
+class KLController:
+    """The KL penalty coefficient beta. Fixed when `target` is 0; otherwise the adaptive
+    controller of Ziegler et al. 2019 (sec. 2.2): with e = clip(KL / target - 1, -0.2, 0.2),
+    beta <- beta (1 + e n / horizon) after a rollout of n responses whose mean sequence
+    KL to the reference is KL."""
+
+    beta: float
+    target: float = 0.0
+    horizon: int = 10000
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target <= 0:
+            return
+        error = float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
+        self.beta *= 1.0 + error * n / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.beta = float(state["beta"])
+
+
+@dataclass
+class Rollout:
+    """One data-parallel rank's share of a rollout batch."""
+
+    prompt_index: list[int]
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    finished: list[bool]
+    tokens: torch.Tensor  # [n, S+1] long
+    response_mask: torch.Tensor  # [n, S+1] token-aligned (what the reward model reads)
+    mask: torch.Tensor  # [n, S] label-aligned
+    score: torch.Tensor  # [n] reward-model score (minus the missing-EOS penalty)
+    logp: torch.Tensor  # [n, S] log pi_old of the taken tokens
+    ref_logp: torch.Tensor  # [n, S]
+    entropy: torch.Tensor  # [n, S] of pi_old
+    values: torch.Tensor  # [n, S] critic V(s_t)
+    rewards: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [n, S]
+    advantages: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [n, S]
+    returns: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [n, S]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def rows(self, index: Optional[np.ndarray] = None) -> Batch:
+        """What the update's step functions read, for the rows in `index` (default all);
+        "tokens" first (the engine reads the microbatch size from it)."""
+        fields = {"tokens": self.tokens, "response_mask": self.response_mask, "old_logp": self.logp,
+                  "old_values": self.values, "advantages": self.advantages, "returns": self.returns}
+        if index is None:
+            return dict(fields)
+        picked = torch.from_numpy(np.asarray(index, dtype=np.int64))
+        return {k: v[picked] for k, v in fields.items()}
+
+
+# ---- forward passes (Megatron forward_step functions) --------------------------------------
+
+def model_inputs(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """batch["tokens"] [n, S+1] -> (inputs [n, S], labels [n, S], positions, causal mask)."""
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    n, s = inputs.shape
+    positions = torch.arange(s, device=device).unsqueeze(0).expand(n, s)
+    return inputs, labels, positions, causal_mask(s, device)
+
+
+def label_mask(batch: Batch, device: torch.device) -> torch.Tensor:
+    """[n, S] 1 where the label (token j+1) belongs to the response."""
+    return batch["response_mask"][:, 1:].to(device)
+
+
+def policy_forward(batch: Batch, model: torch.nn.Module, device: torch.device, vocab_size: int,
+                   tp_group: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+    """The policy's logits and a function logits -> (log pi of the labels [n, S], entropy
+    [n, S]) over the tokenizer's vocabulary (parallel.vocab)."""
+    inputs, labels, positions, mask = model_inputs(batch, device)
+    logits = model(inputs, positions, mask)
+    return logits, lambda output: logprobs_and_entropy(output, labels, vocab_size, tp_group)
+
+
+def critic_forward(batch: Batch, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """Scalar-head values [n, S] (V of the state at each input position)."""
+    inputs, _, positions, mask = model_inputs(batch, device)
+    return model(inputs, positions, mask)
+
+
+def forward_rows(engine: Engine, rows: Batch, micro_batch: int, step: Callable[[Batch, torch.nn.Module], Any],
+                 seq_length: int) -> Batch:
+    """Forward-only outputs for every row, `micro_batch` rows per microbatch."""
+    n = rows["tokens"].shape[0]
+    outputs = engine.forward_outputs(split_rows(rows, micro_batch), step, seq_length=seq_length)
+    return join_outputs(outputs, n)
+
+
+# ---- making a rollout ------------------------------------------------------------------------
+
+class RolloutMaker:
+    """Generation with the actor, then one forward of each model over the responses."""
+
+    def __init__(self, ctx: Any, tok: Tokenizer, actor: Engine, reference: Engine, critic: Engine,
+                 scorer: Scorer, sampling: SamplingConfig) -> None:
+        self.ctx, self.tok, self.sampling = ctx, tok, sampling
+        self.actor, self.reference, self.critic, self.scorer = actor, reference, critic, scorer
+        self.seq = int(ctx.cfg.model.seq_length)
+        self.micro = int(ctx.cfg.train.micro_batch)
+        self.stops = {tok.im_end_id, tok.eod_id}
+
+    def sample(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], list[bool]]:
+        """Responses to `prompts`, sampling.batch prompts per generate call; the seed of
+        each call derives from `seed` and the call's index."""
+        responses: list[list[int]] = []
+        finished: list[bool] = []
+        per_call = max(int(self.sampling.batch), 1)
+        for k in range(0, len(prompts), per_call):
+            call_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+            gen = generate(self.actor, prompts[k:k + per_call], self.sampling, stop_ids=self.stops,
+                           pad_id=self.tok.pad_id, seed=call_seed)
+            responses += gen.tokens
+            finished += gen.finished
+        return responses, finished
+
+    def policy_logprobs(self, engine: Engine, rows: Batch) -> Batch:
+        device, group = self.ctx.device, self.ctx.topo.tp_group
+        vocab = self.tok.vocab_size
+
+        def step(batch: Batch, model: torch.nn.Module) -> Any:
+            logits, to_logp = policy_forward(batch, model, device, vocab, group)
+
+            def loss_fn(output: torch.Tensor) -> Any:
+                logp, entropy = to_logp(output)
+                return outputs_only(output, logp=logp, entropy=entropy)
+            return logits, loss_fn
+
+        return forward_rows(engine, rows, self.micro, step, self.seq)
+
+    def values(self, rows: Batch) -> torch.Tensor:
+        device = self.ctx.device
+
+        def step(batch: Batch, model: torch.nn.Module) -> Any:
+            values = critic_forward(batch, model, device)
+            return values, lambda output: outputs_only(output, values=output.squeeze(-1).float())
+
+        return forward_rows(self.critic, rows, self.micro, step, self.seq)["values"]
+
+    def make(self, prompt_index: list[int], prompts: list[list[int]], seed: int,
+             missing_eos_penalty: float = 0.0) -> Rollout:
+        """Sample and score (no advantages yet: see `add_advantages`)."""
+        started = time.perf_counter()
+        responses, finished = self.sample(prompts, seed)
+        generated = time.perf_counter()
+        rollout = self.score(prompts, responses, finished, missing_eos_penalty)
+        rollout.prompt_index = prompt_index
+        rollout.seconds = {"generation_s": generated - started, "forward_s": time.perf_counter() - generated}
+        return rollout
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]], finished: list[bool],
+              missing_eos_penalty: float = 0.0) -> Rollout:
+        """One forward of the actor, the reference, the critic and the reward model over
+        the responses."""
+        built = [response_row(p, r, self.seq, self.tok.pad_id) for p, r in zip(prompts, responses)]
+        rows = {"tokens": torch.from_numpy(np.stack([t for t, _ in built])),
+                "response_mask": torch.from_numpy(np.stack([m for _, m in built]))}
+        actor = self.policy_logprobs(self.actor, rows)
+        reference = self.policy_logprobs(self.reference, rows)
+        values = self.values(rows)
+        score = torch.tensor(self.scorer(prompts, responses), dtype=torch.float32)
+        score -= missing_eos_penalty * (1.0 - torch.tensor(finished, dtype=torch.float32))
+        mask = rows["response_mask"][:, 1:].float()
+        return Rollout([], prompts, responses, finished, rows["tokens"], rows["response_mask"], mask, score,
+                       actor["logp"] * mask, reference["logp"] * mask, actor["entropy"] * mask, values * mask)
+
+
+def dp_sum(values: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum a small float64 host tensor over the data-parallel ranks."""
+    if group is None or dist.get_world_size(group) == 1:
+        return values
+    if torch.cuda.is_available():
+        on_device = values.cuda()
+        dist.all_reduce(on_device, group=group)
+        return on_device.cpu()
+    dist.all_reduce(values, group=group)
+    return values
+
+
+def add_advantages(rollout: Rollout, beta: float, gamma: float, lam: float, whiten_advantages: bool,
+                   dp_group: Any) -> None:
+    """Per-token rewards (score at the last token, -beta x log-ratio everywhere), GAE
+    advantages and returns; advantages whitened over the whole rollout (all DP ranks)."""
+    r = rollout
+    r.rewards = kl_penalty_rewards(r.score, r.logp, r.ref_logp, r.mask, beta)
+    advantages, r.returns = gae(r.rewards, r.values, r.mask, gamma, lam)
+    if whiten_advantages:
+        moments = dp_sum(masked_moments(advantages, r.mask), dp_group)
+        advantages = whiten(advantages, r.mask, moments=moments)
+    r.advantages = advantages
+
+
+def rollout_metrics(r: Rollout, dp_group: Any, gold: Optional[list[float]] = None) -> dict[str, float]:
+    """Means over the whole rollout (all DP ranks): reward (score), kl (per sequence,
+    sum_t log pi - log pi_ref), entropy (per token), response_length, finished, value,
+    return, explained_variance = 1 - Var(R - V) / Var(R) over response tokens, and the
+    gold reward where the data has one."""
+    mask = r.mask.double()
+    n = float(len(r.responses))
+    returns = r.returns if r.returns.numel() else r.values  # no advantages yet (evaluation)
+    err = (returns - r.values).double() * mask
+    ret = returns.double() * mask
+    sums = torch.tensor([
+        n, float(r.score.double().sum()), float(((r.logp - r.ref_logp).double() * mask).sum()),
+        float(mask.sum()), float((r.entropy.double() * mask).sum()), float(sum(r.finished)),
+        float((r.values.double() * mask).sum()), float(ret.sum()), float((ret * ret).sum()),
+        float(err.sum()), float((err * err).sum()), float(sum(gold) if gold else 0.0),
+    ], dtype=torch.float64)
+    s = dp_sum(sums, dp_group).tolist()
+    count, tokens = max(s[0], 1.0), max(s[3], 1.0)
+    var_ret = s[8] / tokens - (s[7] / tokens) ** 2
+    var_err = s[10] / tokens - (s[9] / tokens) ** 2
+    out = {"reward": s[1] / count, "kl": s[2] / count, "response_length": s[3] / count,
+           "entropy": s[4] / tokens, "finished": s[5] / count, "value": s[6] / tokens,
+           "return": s[7] / tokens,
+           "explained_variance": 1.0 - var_err / var_ret if var_ret > 1e-12 else float("nan")}
+    if not r.returns.numel():
+        del out["return"], out["explained_variance"]
+    if gold is not None:
+        out["gold_reward"] = s[11] / count
+    return out
