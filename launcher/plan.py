@@ -147,13 +147,14 @@ def activation_bytes_per_layer(cfg: Any, recompute: str) -> float:
 
 @dataclass(frozen=True)
 class Memory:
-    weights: float
+    weights: float  # weights, grads and optimizer: of every trained model (PPO's actor + critic)
     grads: float
     optimizer: float
     activations: dict[str, float]  # recompute mode -> bytes
     logits: float
     recompute: str  # the configured mode
     frozen: float = 0.0  # weights of forward-only models (DPO's reference, best-of-N's)
+    trained_models: int = 1  # models with grads and optimizer states (PPO/A2C: 2)
 
     @property
     def total(self) -> float:
@@ -163,11 +164,18 @@ class Memory:
 
 def memory_per_device(cfg: Any) -> Memory:
     """Per the stage: pairs double the rows of a microbatch (activations, logits), frozen
-    models add their weights, and a stage that does not train (best_of_n) holds no grads,
-    optimizer states or training activations."""
-    from trainer.stages import FROZEN_MODELS, NO_TRAINING, ROWS_PER_SAMPLE
+    models add their weights, each extra trained model (the PPO/A2C critic, assumed the size
+    of the policy, with its own optimizer) its weights, grads and optimizer states, and a
+    stage that does not train (best_of_n) holds no grads, optimizer states or training
+    activations. PPO/A2C train one row (a sampled response) per prompt; the rows of one
+    optimizer step, which set the microbatches in flight, are train.global_batch (PPO) or
+    the whole ppo.rollout_batch (A2C), plus train.global_batch SFT rows with PPO-ptx. Actor
+    and critic step one after the other, so activations count once (the critic's scalar
+    head has no vocabulary logits). The rollout's KV cache is not counted."""
+    from trainer.stages import EXTRA_TRAINED_MODELS, FROZEN_MODELS, NO_TRAINING, RL_STAGES, ROWS_PER_SAMPLE
 
     stage = str(cfg.stage.name)
+    trained = 1 + EXTRA_TRAINED_MODELS.get(stage, 0)
     rows = ROWS_PER_SAMPLE.get(stage, 1)
     if rows > 1:
         cfg = OmegaConf.merge(cfg, {"train": {"micro_batch": int(cfg.train.micro_batch) * rows}})
@@ -179,7 +187,11 @@ def memory_per_device(cfg: Any) -> Memory:
     if stage in NO_TRAINING:
         none = {mode: 0.0 for mode in ("none", "selective", "full")}
         return Memory(0.0, 0.0, 0.0, none, 0.0, str(cfg.parallel.recompute), frozen)
-    micro = max(1, int(cfg.train.global_batch) // (int(cfg.train.micro_batch) * lay.dp))
+    step_rows = gb = int(cfg.train.global_batch)
+    if stage in RL_STAGES:
+        step_rows = (int(cfg.ppo.rollout_batch) if stage == "a2c" else gb) \
+            + (gb if float(cfg.ppo.ptx_coef) > 0 else 0)
+    micro = max(1, step_rows // (int(cfg.train.micro_batch) * lay.dp))
     # 1F1B: the first stage holds min(pp, microbatches) microbatches of its layers in flight.
     in_flight = (int(cfg.model.num_layers) // lay.pp) * min(lay.pp, micro)
     acts = {mode: in_flight * activation_bytes_per_layer(cfg, mode)
@@ -188,8 +200,9 @@ def memory_per_device(cfg: Any) -> Memory:
     acts["full"] += activation_bytes_per_layer(cfg, "none")
     s, b = int(cfg.model.seq_length), int(cfg.train.micro_batch)
     logits = 4.0 * s * b * padded_vocab(cfg) / lay.tp  # fp32 logits for the loss, last stage
-    return Memory(n * per["weights"], n * per["grads"], n * per["optimizer"], acts, logits,
-                  str(cfg.parallel.recompute), frozen)
+    n_trained = trained * n
+    return Memory(n_trained * per["weights"], n_trained * per["grads"], n_trained * per["optimizer"], acts,
+                  logits, str(cfg.parallel.recompute), frozen, trained)
 
 
 @dataclass(frozen=True)
@@ -244,6 +257,9 @@ def format_plan(cfg: Any) -> str:
     lines.append(f"memory per device ({total / 1e6:,.1f}M params, {params_per_device(cfg) / 1e6:,.1f}M "
                  f"on the busiest rank, {cfg.parallel.precision}, distributed optimizer "
                  f"{'on' if cfg.parallel.distributed_optimizer else 'off'}):")
+    if mem.trained_models > 1:
+        lines.append(f"  {mem.trained_models} trained models (the policy and, as large, a critic): "
+                     f"weights, grads and optimizer count each")
     lines.append(f"  weights {mem.weights / GB:8.2f} GB   grads {mem.grads / GB:8.2f} GB   "
                  f"optimizer {mem.optimizer / GB:8.2f} GB   logits {mem.logits / GB:6.2f} GB"
                  + (f"   frozen models {mem.frozen / GB:8.2f} GB" if mem.frozen else ""))

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from parallel.config import model_split_problems
-from trainer.stages import SAMPLING_STAGES, STAGE_DATA, STAGE_HEAD, STAGES
+from trainer.data.chat_embedded import PREFERENCES  # torch-free (random, sentencepiece)
+from trainer.stages import RL_STAGES, SAMPLING_STAGES, STAGE_DATA, STAGE_HEAD, STAGES
 
 # The one place that lists the allowed values of every enumerated string field (the
 # dataclass comments mirror it; OmegaConf cannot type-check Literal annotations).
@@ -32,9 +33,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "wandb.mode": ("auto", "offline", "online"),
     "data.format": ("embedded", "text", "chatml", "alpaca", "hh_rlhf", "preference"),
     "data.overlong": ("truncate", "drop"),
+    "data.embedded.prefer": PREFERENCES,
     "stage.name": tuple(STAGES),
     "rm.reduce": ("last", "mean"),
     "dpo.loss": ("sigmoid", "ipo"),
+    "ppo.critic_init": ("reward", "policy"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "ckpt.load_state": ("weights", "full"),
     "cluster.name": ("local", "slurm"),
@@ -58,6 +61,9 @@ POSITIVE: tuple[str, ...] = (
     "best_of_n.n",
     "sampling.max_new_tokens",
     "sampling.batch",
+    "ppo.rollout_batch",
+    "ppo.epochs",
+    "ppo.kl_horizon",
 )
 
 # Optional sizes: None means "derive it", any set value must be >= 1.
@@ -173,21 +179,61 @@ def _check_stage(cfg: DictConfig) -> list[ConfigError]:
     head = STAGE_HEAD.get(stage, "lm")
     if cfg.model.head != head:
         errors.append(ConfigError("model.head", cfg.model.head, f"stage={stage} needs model.head={head}"))
-    if stage in SAMPLING_STAGES:
-        for key in ("ckpt.load", "best_of_n.reward"):
+    if stage in SAMPLING_STAGES or stage in RL_STAGES:
+        reward = "best_of_n.reward" if stage in SAMPLING_STAGES else "ppo.reward"
+        policy = "the policy to sample from" if stage in SAMPLING_STAGES else "the SFT policy (a run dir)"
+        for key, what in (("ckpt.load", policy), (reward, "the reward model's run dir")):
             if not _get(cfg, key):
-                what = "the policy to sample from" if key == "ckpt.load" else "the reward model's run dir"
                 errors.append(ConfigError(key, _get(cfg, key), f"stage={stage} needs {what}"))
     ranges = (("dpo.beta", lambda v: v > 0, "must be > 0"),
               ("dpo.label_smoothing", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
               ("data.embedded.flip", lambda v: 0 <= v < 1, "must be in [0, 1)"),
               ("sampling.temperature", lambda v: v >= 0, "must be >= 0 (0 is greedy)"),
               ("sampling.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
-              ("sampling.top_k", lambda v: v >= 0, "must be >= 0 (0 is off)"))
+              ("sampling.top_k", lambda v: v >= 0, "must be >= 0 (0 is off)"),
+              ("ppo.critic_lr", lambda v: v >= 0, "must be >= 0 (0 is optim.lr)"),
+              ("ppo.clip", lambda v: v > 0, "must be > 0"),
+              ("ppo.value_clip", lambda v: v >= 0, "must be >= 0 (0 is off)"),
+              ("ppo.kl_coef", lambda v: v >= 0, "must be >= 0"),
+              ("ppo.kl_target", lambda v: v >= 0, "must be >= 0 (0 keeps ppo.kl_coef fixed)"),
+              ("ppo.gamma", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+              ("ppo.lam", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+              ("ppo.entropy_coef", lambda v: v >= 0, "must be >= 0"),
+              ("ppo.ptx_coef", lambda v: v >= 0, "must be >= 0"),
+              ("ppo.missing_eos_penalty", lambda v: v >= 0, "must be >= 0"))
     for key, ok, what in ranges:
         value = _get(cfg, key)
         if not ok(value):
             errors.append(ConfigError(key, value, what))
+    return errors
+
+
+def _check_rl(cfg: DictConfig) -> list[ConfigError]:
+    """PPO/A2C: the rollout splits evenly over DP ranks and microbatches (and, for PPO, into
+    minibatches of train.global_batch); a prompt leaves room for the response."""
+    stage = cfg.stage.name
+    if stage not in RL_STAGES:
+        return []
+    errors = []
+    world = cfg.cluster.nodes * cfg.cluster.procs_per_node
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    dp = world // (tp * pp)
+    rollout, mb, gb = cfg.ppo.rollout_batch, cfg.train.micro_batch, cfg.train.global_batch
+    if rollout % (mb * dp):
+        errors.append(ConfigError(
+            "ppo.rollout_batch", rollout,
+            f"must be a multiple of train.micro_batch x DP = {mb} x {dp} = {mb * dp} "
+            f"(DP = world {world} / (tp {tp} x pp {pp}))"))
+    elif stage == "ppo" and rollout % gb:
+        errors.append(ConfigError(
+            "ppo.rollout_batch", rollout,
+            f"stage=ppo splits the rollout into minibatches: must be a multiple of "
+            f"train.global_batch={gb}"))
+    new, seq = cfg.sampling.max_new_tokens, cfg.model.seq_length
+    if new >= seq:
+        errors.append(ConfigError(
+            "sampling.max_new_tokens", new,
+            f"stage={stage} needs room for the prompt: must be < model.seq_length={seq}"))
     return errors
 
 
@@ -211,7 +257,7 @@ def _check_paths(cfg: DictConfig) -> list[ConfigError]:
     tokenizer = cfg.tokenizer.path
     if tokenizer and (why := _missing_file(tokenizer)):
         errors.append(ConfigError("tokenizer.path", tokenizer, why))
-    for key in ("ckpt.load", "best_of_n.reward"):
+    for key in ("ckpt.load", "best_of_n.reward", "ppo.reward"):
         load = _get(cfg, key)
         if load and not Path(load).expanduser().exists():
             where = Path(load).expanduser()
@@ -233,6 +279,8 @@ def find_errors(cfg: DictConfig | Any) -> list[ConfigError]:
         (_check_layout, LAYOUT_KEYS),
         (_check_paths, ("data.format",)),
         (_check_stage, ("stage.name", "data.format", "model.head")),
+        (_check_rl, ("stage.name", "ppo.rollout_batch", "sampling.max_new_tokens", "model.seq_length")
+         + LAYOUT_KEYS),
     ]
     for check, needs in dependent:
         if not _bad_keys(errors) & set(needs):

@@ -151,7 +151,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16).
 
-    rewards, values: [b, t]; mask: [b, t] {0, 1} (1 on response tokens, a prefix of each row).
+    rewards, values: [b, t]; mask: [b, t] {0, 1} (1 on response tokens: one contiguous run per
+        row, which may start after a prompt).
     delta_t = r_t + gamma V_{t+1} - V_t, with V = 0 after a row's last token (the episode ends);
     A_t = sum_l (gamma lam)^l delta_{t+l};  returns R_t = A_t + V_t.
     Returns (advantages, returns), both [b, t] and 0 where mask is 0.

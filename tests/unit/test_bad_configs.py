@@ -80,6 +80,31 @@ BAD: list[tuple[list[str], str]] = [
     (["sampling.temperature=-1"], "sampling.temperature"),
     (["best_of_n.n=0"], "best_of_n.n"),
     (["run.dir={file}"], "run.dir"),
+    # RLHF (ppo, a2c): inputs, enumerations, ranges, rollout arithmetic
+    (["stage=ppo", "ppo.reward={file}"], "ckpt.load"),
+    (["stage=a2c", "ckpt.load={file}"], "ppo.reward"),
+    (["stage=ppo", "ckpt.load={file}", "ppo.reward=/nonexistent/rm"], "ppo.reward"),
+    (["ppo.critic_init=random"], "ppo.critic_init"),
+    (["data.embedded.prefer=short"], "data.embedded.prefer"),
+    (["ppo.rollout_batch=0"], "ppo.rollout_batch"),
+    (["ppo.epochs=0"], "ppo.epochs"),
+    (["ppo.kl_horizon=0"], "ppo.kl_horizon"),
+    (["ppo.clip=0"], "ppo.clip"),
+    (["ppo.value_clip=-0.1"], "ppo.value_clip"),
+    (["ppo.kl_coef=-0.05"], "ppo.kl_coef"),
+    (["ppo.kl_target=-1"], "ppo.kl_target"),
+    (["ppo.gamma=1.5"], "ppo.gamma"),
+    (["ppo.lam=-0.1"], "ppo.lam"),
+    (["ppo.entropy_coef=-0.01"], "ppo.entropy_coef"),
+    (["ppo.ptx_coef=-1"], "ppo.ptx_coef"),
+    (["ppo.critic_lr=-1e-5"], "ppo.critic_lr"),
+    (["ppo.missing_eos_penalty=-1"], "ppo.missing_eos_penalty"),
+    (["stage=a2c", "ckpt.load={file}", "ppo.reward={file}", "cluster.procs_per_node=2",
+      "ppo.rollout_batch=6"], "ppo.rollout_batch"),  # not a multiple of micro_batch 2 x DP 2
+    (["stage=ppo", "ckpt.load={file}", "ppo.reward={file}", "ppo.rollout_batch=12"],
+     "ppo.rollout_batch"),  # not a multiple of train.global_batch=8
+    (["stage=ppo", "ckpt.load={file}", "ppo.reward={file}", "sampling.max_new_tokens=128"],
+     "sampling.max_new_tokens"),  # no room left for the prompt in model.seq_length=128
     # SLURM resources and options
     (["cluster=slurm", "run.dir=/tmp/chatforge-node-local"], "run.dir"),
     ([*SLURM, "cluster.gpus_per_node=8", "cluster.procs_per_node=4"], "cluster.procs_per_node"),
@@ -127,6 +152,17 @@ def test_bad_config_is_rejected_naming_its_key(overrides: list[str], key: str,
 def test_a_good_slurm_config_passes(tmp_path: Path) -> None:
     points, errors = preflight([*SLURM, "cluster.nodes=2", f"run.dir={tmp_path}"], False)
     errors = [e for e in errors if "sbatch is not on PATH" not in e]  # CI may lack a cluster
+    assert errors == []
+
+
+@pytest.mark.parametrize("stage", ["ppo", "a2c"])
+def test_a_good_rl_config_passes(stage: str, tmp_path: Path) -> None:
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "rm").mkdir()
+    points, errors = preflight([f"stage={stage}", f"ckpt.load={tmp_path / 'sft'}",
+                                f"ppo.reward={tmp_path / 'rm'}", "cluster.procs_per_node=2",
+                                "ppo.rollout_batch=16", "data.embedded.prefer=brief",
+                                "ppo.critic_init=policy", f"run.dir={tmp_path / 'run'}"], False)
     assert errors == []
 
 

@@ -1,5 +1,6 @@
 """The chat format and its loss mask (trainer/data/chat.py), SFT packing and padding
-(trainer/data/packing.py) and the embedded chat data (trainer/data/chat_embedded.py)."""
+(trainer/data/packing.py), the embedded chat data (trainer/data/chat_embedded.py) and the
+prompts chat_prepare gives each split."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tools.tokenizer import train_tokenizer
+from trainer.config import Config
+from trainer.data import chat_prepare
 from trainer.data.chat import (
     Message,
     prompt_ids,
@@ -19,13 +23,17 @@ from trainer.data.chat import (
     truncate_masked,
 )
 from trainer.data.chat_embedded import (
+    BRIEF_STYLE,
     SYSTEM_PROMPT,
     eval_prompts,
     gold_reward,
+    is_brief,
+    is_heldout,
     preference_pairs,
     sft_conversations,
+    train_prompts,
 )
-from trainer.data.corpus import generate_corpus
+from trainer.data.corpus import TaskExample, generate_corpus, parse_prompt
 from trainer.data.packing import (
     ChatSample,
     build_packed,
@@ -295,3 +303,70 @@ def test_eval_prompts_are_held_out() -> None:
     seen |= {p.prompt[-1].content for p in preference_pairs(1000, seed=0)}
     assert not seen & {p[-1].content for p in evals}
     assert {gold_reward(p, "nothing") for p in evals} == {0.0}
+
+
+# ---- data.embedded.prefer and the RLHF prompts -----------------------------------------------
+
+def _heldout(prompt: list[Message]) -> bool:
+    """is_heldout of the task that wrote the prompt's last user turn (parsed back from its text)."""
+    text = prompt[-1].content
+    family, fields = parse_prompt(text)
+    return is_heldout(TaskExample(family.name, text, family.solve(fields), fields))
+
+
+def test_default_preference_is_correctness_and_unchanged() -> None:
+    assert preference_pairs(50, seed=3) == preference_pairs(50, seed=3, prefer="correct")
+    first = preference_pairs(1, seed=0)[0]  # pinned: prefer= must not move the seeded draws
+    assert (first.prompt[-1].content, first.chosen, first.rejected) == (
+        "Subtract 9 from 13.", "13 minus 9 is 4.", "13 minus 9 is 5.")
+    with pytest.raises(ValueError, match="data.embedded.prefer"):
+        preference_pairs(3, seed=0, prefer="short")
+
+
+def test_brief_pairs_differ_only_in_style() -> None:
+    correct, brief = preference_pairs(300, seed=0), preference_pairs(300, seed=0, prefer="brief")
+    assert [p.prompt for p in brief] == [p.prompt for p in correct]  # same tasks, same seed
+    head = BRIEF_STYLE.split("{")[0]
+    for p in brief:
+        assert p.chosen.startswith(head) and is_brief(p.chosen)
+        assert not is_brief(p.rejected)
+        assert gold_reward(p.prompt, p.chosen) == gold_reward(p.prompt, p.rejected) == 1.0  # both correct
+        assert gold_reward(p.prompt, p.chosen, "brief") == 1.0
+        assert gold_reward(p.prompt, p.rejected, "brief") == 0.0
+    # The rejected replies use each of the other styles.
+    sure = sum(p.rejected.startswith("Sure! ") for p in brief)
+    happy = sum(p.rejected.endswith(" Happy to help!") for p in brief)
+    assert sure > 50 and happy > 50 and len(brief) - sure - happy > 50
+    replies = [m.content for c in sft_conversations(200, seed=0) for m in c if m.role == "assistant"]
+    for text in replies + [p.chosen for p in correct]:
+        assert gold_reward([Message("user", "x")], text, "brief") == float(is_brief(text))
+    assert 0.1 < np.mean([is_brief(t) for t in replies]) < 0.4  # a quarter of SFT replies
+
+
+def test_train_prompts_are_seeded_training_tasks() -> None:
+    prompts = train_prompts(300, seed=0)
+    assert len(prompts) == 300 and prompts == train_prompts(300, seed=0)
+    assert train_prompts(50, seed=0) == prompts[:50] and train_prompts(50, seed=1) != prompts[:50]
+    assert all(p[-1].role == "user" and [m.role for m in p[:-1]] in ([], ["system"]) for p in prompts)
+    assert not any(_heldout(p) for p in prompts)
+    assert all(_heldout(p) for p in eval_prompts(100, seed=0))  # the check can tell them apart
+    adds = train_prompts(40, seed=0, families=["add"])
+    assert {parse_prompt(p[-1].content)[0].name for p in adds} == {"add"}
+
+
+def test_chat_prepare_prompts_train_and_eval_splits() -> None:
+    cfg = OmegaConf.structured(Config)
+    cfg.data.embedded.num_chats, cfg.data.embedded.num_prompts, cfg.data.embedded.seed = 40, 12, 7
+    train = chat_prepare.prompts(cfg, "train")
+    assert train == train_prompts(40, seed=7) and not any(map(_heldout, train))
+    evals = chat_prepare.prompts(cfg, "eval")
+    assert evals == chat_prepare.prompts(cfg) == eval_prompts(12, seed=7) and all(map(_heldout, evals))
+    cfg.data.embedded.families = "reverse"
+    assert {parse_prompt(p[-1].content)[0].name for p in chat_prepare.prompts(cfg, "train")} == {"reverse"}
+    # gold_of follows data.embedded.prefer
+    prompt = train[0]
+    correct = chat_prepare.gold_of(cfg)
+    cfg.data.embedded.prefer = "brief"
+    brief = chat_prepare.gold_of(cfg)
+    assert brief is not None and correct is not None
+    assert brief(prompt, "The answer is nothing.") == 1.0 and correct(prompt, "The answer is nothing.") == 0.0

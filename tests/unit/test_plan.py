@@ -115,3 +115,23 @@ def test_post_training_stages_in_the_memory_plan() -> None:
     assert dpo.total - sft.total == pytest.approx(sft.weights + sft.activations["none"] + sft.logits)
     assert bon.grads == bon.optimizer == bon.activations["none"] == 0.0
     assert bon.frozen == pytest.approx(2 * sft.weights)
+
+
+def test_rl_stages_train_a_critic_in_the_memory_plan() -> None:
+    """PPO and A2C train a critic beside the policy (its weights, grads and optimizer states
+    again) and hold the reference and the reward model frozen; one row per prompt. With
+    selective recomputation that outweighs DPO's doubled rows."""
+    rl = ("ckpt.load=/", "ppo.reward=/")
+    sft = memory_per_device(compose(*LLAMA_TP8, "stage=sft", "parallel.recompute=selective"))
+    dpo = memory_per_device(compose(*LLAMA_TP8, "stage=dpo", "parallel.recompute=selective"))
+    ppo = memory_per_device(compose(*LLAMA_TP8, "stage=ppo", *rl, "parallel.recompute=selective"))
+    a2c = memory_per_device(compose(*LLAMA_TP8, "stage=a2c", *rl, "parallel.recompute=selective"))
+    assert (ppo.trained_models, sft.trained_models) == (2, 1)
+    for part in ("weights", "grads", "optimizer"):
+        assert getattr(ppo, part) == pytest.approx(2 * getattr(sft, part)), part
+    assert ppo.frozen == pytest.approx(2 * sft.weights)
+    assert ppo.activations == pytest.approx(sft.activations) and ppo.logits == pytest.approx(sft.logits)
+    trained_model = sft.weights + sft.grads + sft.optimizer
+    assert ppo.total - sft.total == pytest.approx(trained_model + 2 * sft.weights)
+    assert ppo.total > dpo.total
+    assert a2c.total == pytest.approx(ppo.total)  # pp=1: one microbatch in flight either way

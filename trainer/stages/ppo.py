@@ -20,6 +20,7 @@ and the KL controller; the frozen models are rebuilt from their sources on resum
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Optional
 
@@ -33,6 +34,7 @@ from trainer.checkpointing import load_weights
 from trainer.data.chat import Message, prompt_ids
 from trainer.data.chat_prepare import gold_of, prepare_chat_data, prepare_rl_prompts
 from trainer.data.gpt_dataset import ArrayDataset, SampleLoader
+from trainer.data.indexed import atomic_write
 from trainer.data.tokenizer import Tokenizer
 from trainer.generation import sampling_config
 from trainer.losses import a2c_policy_loss, masked_token_loss, ppo_policy_loss, value_loss
@@ -136,6 +138,7 @@ class PPOStage(Stage):
         self.rollouts = RolloutMaker(ctx, tok, self.actor, self.reference, self.critic, self.scorer, self.sampling)
         self.prompts = PromptSampler(len(self.train_ids), seed)
         self.kl = KLController(float(ppo.kl_coef), float(ppo.kl_target), int(ppo.kl_horizon))
+        self.evaluations = 0
         self.ptx: Optional[SampleLoader] = None
         if float(ppo.ptx_coef) > 0:
             _, sft_train, _ = prepare_chat_data(ctx, "sft")
@@ -293,8 +296,26 @@ class PPOStage(Stage):
         rollout = self.rollouts.score(prompts, responses, finished)
         gold = self._gold([self.eval_prompts[i] for i in mine], responses)
         metrics = rollout_metrics(rollout, topo.dp_group, gold)
+        self._write_samples(mine, responses, rollout.score.tolist(), gold)
+        self.evaluations += 1
         keys = ("reward", "kl", "response_length", "gold_reward")
         return {f"eval_{k}": metrics[k] for k in keys if k in metrics}
+
+    def _write_samples(self, mine: list[int], responses: list[list[int]], scores: list[float],
+                       gold: Optional[list[float]]) -> None:
+        """Rank 0's evaluation responses with their scores, one file per evaluation
+        (<run.dir>/samples/eval_NNN.jsonl), to read what the policy learned (and whether it
+        games the reward model)."""
+        if not self.ctx.is_main:
+            return
+        directory = self.ctx.run_dir / "samples"
+        directory.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for k, (i, response) in enumerate(zip(mine, responses)):
+            lines.append(json.dumps({
+                "prompt": self.eval_prompts[i][-1].content, "response": self.tok.decode(response),
+                "reward": scores[k], "gold": gold[k] if gold else None}))
+        atomic_write(directory / f"eval_{self.evaluations:03d}.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 class A2CStage(PPOStage):
