@@ -22,7 +22,7 @@ def format_duration(seconds: float) -> str:
 def progress_line(record: dict[str, Any], total_steps: int, eta_s: float) -> str:
     """`step 10/100 | loss 5.1234 | lr 3.00e-04 | 12,345 tok/s | 0:00:12 | ETA 0:01:48`"""
     parts = [f"step {record['step']}/{total_steps}"]
-    for key in ("loss", "eval_loss"):
+    for key in ("loss", "eval_loss", "reward", "kl", "eval_reward"):
         if key in record:
             parts.append(f"{key} {record[key]:.4f}")
     if "lr" in record:

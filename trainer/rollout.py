@@ -1,11 +1,13 @@
 """Rollouts for PPO and A2C: prompts -> responses -> log-probs, values, rewards, advantages.
 
 Layout of a rollout on one data-parallel rank (n responses): a row is prompt + response,
-right-padded to S+1 tokens (chat_prepare.response_row; S = model.seq_length), so plain
-causal attention with positions 0.. applies and the padding never influences a response
-token. Every per-token tensor is [n, S] and aligned with the model's labels: column j is
-the action "token j+1" taken in the state "tokens 0..j". `mask` [n, S] is 1 on the
-response's tokens (one contiguous run per row, the stop token included).
+right-padded to S+1 tokens (chat_prepare.response_row), so plain causal attention with
+positions 0.. applies and the padding never influences a response token. S is the longest
+row of the rollout, not model.seq_length: the forwards and updates skip the padding
+columns no row needs (tools/bench/ppo_iteration.py measured rows only 14-59% full at
+model.seq_length). Every per-token tensor is [n, S] and aligned with the model's labels:
+column j is the action "token j+1" taken in the state "tokens 0..j". `mask` [n, S] is 1
+on the response's tokens (one contiguous run per row, the stop token included).
 
 The four models are four parallel.Engine objects at this run's TP/PP layout: the actor
 (the policy, LM head), the reference (frozen copy of the SFT policy), the critic (scalar
@@ -106,6 +108,11 @@ class Rollout:
     returns: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [n, S]
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def seq_length(self) -> int:
+        """S: the model input length of this rollout's rows."""
+        return int(self.tokens.shape[1]) - 1
+
     def rows(self, index: Optional[np.ndarray] = None) -> Batch:
         """What the update's step functions read, for the rows in `index` (default all);
         "tokens" first (the engine reads the microbatch size from it)."""
@@ -162,10 +169,13 @@ class RolloutMaker:
     """Generation with the actor, then one forward of each model over the responses."""
 
     def __init__(self, ctx: Any, tok: Tokenizer, actor: Engine, reference: Engine, critic: Engine,
-                 scorer: Scorer, sampling: SamplingConfig) -> None:
+                 scorer: Scorer, sampling: SamplingConfig, full_rows: bool = False) -> None:
         self.ctx, self.tok, self.sampling = ctx, tok, sampling
         self.actor, self.reference, self.critic, self.scorer = actor, reference, critic, scorer
         self.seq = int(ctx.cfg.model.seq_length)
+        # Rows padded to model.seq_length, not to the rollout's longest: where SFT rows
+        # (PPO-ptx) share the actor's pipeline microbatches, whose p2p buffers have one shape.
+        self.full_rows = full_rows
         self.micro = int(ctx.cfg.train.micro_batch)
         self.stops = {tok.im_end_id, tok.eod_id}
 
@@ -184,6 +194,7 @@ class RolloutMaker:
         return responses, finished
 
     def policy_logprobs(self, engine: Engine, rows: Batch) -> Batch:
+        seq = rows["tokens"].shape[1] - 1
         device, group = self.ctx.device, self.ctx.topo.tp_group
         vocab = self.tok.vocab_size
 
@@ -195,7 +206,7 @@ class RolloutMaker:
                 return outputs_only(output, logp=logp, entropy=entropy)
             return logits, loss_fn
 
-        return forward_rows(engine, rows, self.micro, step, self.seq)
+        return forward_rows(engine, rows, self.micro, step, seq)
 
     def values(self, rows: Batch) -> torch.Tensor:
         device = self.ctx.device
@@ -204,7 +215,7 @@ class RolloutMaker:
             values = critic_forward(batch, model, device)
             return values, lambda output: outputs_only(output, values=output.squeeze(-1).float())
 
-        return forward_rows(self.critic, rows, self.micro, step, self.seq)["values"]
+        return forward_rows(self.critic, rows, self.micro, step, rows["tokens"].shape[1] - 1)["values"]
 
     def make(self, prompt_index: list[int], prompts: list[list[int]], seed: int,
              missing_eos_penalty: float = 0.0) -> Rollout:
@@ -221,7 +232,9 @@ class RolloutMaker:
               missing_eos_penalty: float = 0.0) -> Rollout:
         """One forward of the actor, the reference, the critic and the reward model over
         the responses."""
-        built = [response_row(p, r, self.seq, self.tok.pad_id) for p, r in zip(prompts, responses)]
+        longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
+        seq = self.seq if self.full_rows else min(longest, self.seq)
+        built = [response_row(p, r, seq, self.tok.pad_id) for p, r in zip(prompts, responses)]
         rows = {"tokens": torch.from_numpy(np.stack([t for t, _ in built])),
                 "response_mask": torch.from_numpy(np.stack([m for _, m in built]))}
         actor = self.policy_logprobs(self.actor, rows)

@@ -135,7 +135,8 @@ class PPOStage(Stage):
         load_weights(str(cfg.ckpt.load), {"reference": self.reference}, cfg.model, sources={"reference": "model"})
         self.scorer = Scorer(ctx, str(ppo.reward), tok, key="ppo.reward", micro_batch=int(cfg.train.micro_batch))
         self.critic = self._build_critic(total)
-        self.rollouts = RolloutMaker(ctx, tok, self.actor, self.reference, self.critic, self.scorer, self.sampling)
+        self.rollouts = RolloutMaker(ctx, tok, self.actor, self.reference, self.critic, self.scorer, self.sampling,
+                                     full_rows=float(ppo.ptx_coef) > 0 and topo.pp > 1)
         self.prompts = PromptSampler(len(self.train_ids), seed)
         self.kl = KLController(float(ppo.kl_coef), float(ppo.kl_target), int(ppo.kl_horizon))
         self.evaluations = 0
@@ -252,9 +253,9 @@ class PPOStage(Stage):
                 microbatches = split_rows(rollout.rows(order[k:k + per_step]), micro)
                 actor_batches = microbatches + self._ptx_microbatches(microbatches)
                 last = self.actor.train_step(actor_batches, lambda b, m: actor_step(
-                    b, m, device, vocab, group, self.algorithm, ppo))
+                    b, m, device, vocab, group, self.algorithm, ppo), seq_length=rollout.seq_length)
                 critic = self.critic.train_step(microbatches, lambda b, m: critic_step(b, m, device, clip),
-                                                seq_length=int(cfg.model.seq_length))
+                                                seq_length=rollout.seq_length)
                 values = {**last.metrics, **critic.metrics, "grad_norm_critic": critic.grad_norm,
                           "grad_norm": last.grad_norm}
                 for key, value in values.items():

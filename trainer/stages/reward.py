@@ -110,7 +110,9 @@ class Scorer:
         self.engine = frozen_from(ctx, str(directory), self.model, tok.vocab_size)
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
-        seq = int(self.model.seq_length)
+        # Rows only as long as the longest (no compute on padding nobody needs), at most the
+        # reward model's context (longer ones are truncated: chat.truncate).
+        seq = min(max(len(p) + len(r) for p, r in zip(prompts, responses)), int(self.model.seq_length))
         rows = [response_row(p, r, seq, self.tok.pad_id) for p, r in zip(prompts, responses)]
         batch = {"tokens": torch.from_numpy(np.stack([t for t, _ in rows])),
                  "response_mask": torch.from_numpy(np.stack([m for _, m in rows]))}
