@@ -190,7 +190,7 @@ class Engine:
             for item in stored:
                 for i, name in enumerate(names):
                     totals[i] += item[name].detach().to("cpu", torch.float64).view(2)
-            totals = _all_reduce_cpu(totals, self.topo.dp_group)
+            totals = all_reduce_host(totals, self.topo.dp_group)
             result = {n: float(totals[i, 0] / max(totals[i, 1], 1e-12)) for i, n in enumerate(names)}
         if self.topo.pp > 1:
             box = [result]
@@ -204,12 +204,13 @@ class Engine:
                     if param_is_not_shared(p) and tensor_parallel.param_is_not_tensor_parallel_duplicate(p))
         total = torch.tensor([local], dtype=torch.float64)
         if dist.get_world_size() > 1:
-            total = _all_reduce_cpu(total, None) / self.topo.dp
+            total = all_reduce_host(total, None) / self.topo.dp
         return int(total.item())
 
 
-def _all_reduce_cpu(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """All-reduce a small host tensor; NCCL needs it on the GPU."""
+def all_reduce_host(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """All-reduce (sum) a small host tensor over `group` (None: the world); NCCL needs it on
+    the GPU. Returns the reduced tensor on the host."""
     if dist.get_world_size(group) == 1:
         return tensor
     if torch.cuda.is_available():

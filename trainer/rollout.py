@@ -21,9 +21,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from parallel.engine import Engine
+from parallel.engine import Engine, all_reduce_host
 from parallel.vocab import logprobs_and_entropy
 from trainer.batches import causal_mask, join_outputs, split_rows
 from trainer.config import SamplingConfig
@@ -249,14 +248,7 @@ class RolloutMaker:
 
 def dp_sum(values: torch.Tensor, group: Any) -> torch.Tensor:
     """Sum a small float64 host tensor over the data-parallel ranks."""
-    if group is None or dist.get_world_size(group) == 1:
-        return values
-    if torch.cuda.is_available():
-        on_device = values.cuda()
-        dist.all_reduce(on_device, group=group)
-        return on_device.cpu()
-    dist.all_reduce(values, group=group)
-    return values
+    return values if group is None else all_reduce_host(values, group)
 
 
 def add_advantages(rollout: Rollout, beta: float, gamma: float, lam: float, whiten_advantages: bool,

@@ -112,15 +112,19 @@ def preference_pairs(n: int, seed: int, flip: float = 0.0, families: Sequence[st
     return out
 
 
-def train_prompts(n: int, seed: int, families: Sequence[str] = ()) -> list[list[Message]]:
-    """`n` prompts [system?, user] on training (not held-out) tasks: RLHF rollouts."""
+def _prompts(kind: str, n: int, seed: int, heldout: bool, families: Sequence[str]) -> list[list[Message]]:
     out = []
     for i in range(n):
-        rng = _rng("rl", seed, i)
+        rng = _rng(kind, seed, i)
         prompt = _opening(rng)
-        prompt.append(Message("user", _task(rng, heldout=False, families=families).prompt))
+        prompt.append(Message("user", _task(rng, heldout=heldout, families=families).prompt))
         out.append(prompt)
     return out
+
+
+def train_prompts(n: int, seed: int, families: Sequence[str] = ()) -> list[list[Message]]:
+    """`n` prompts [system?, user] on training (not held-out) tasks: RLHF rollouts."""
+    return _prompts("rl", n, seed, False, families)
 
 
 def is_brief(response_text: str) -> bool:
@@ -130,13 +134,7 @@ def is_brief(response_text: str) -> bool:
 
 def eval_prompts(n: int, seed: int, families: Sequence[str] = ()) -> list[list[Message]]:
     """`n` prompts [system?, user] on held-out tasks (see the module doc)."""
-    out = []
-    for i in range(n):
-        rng = _rng("eval", seed, i)
-        prompt = _opening(rng)
-        prompt.append(Message("user", _task(rng, heldout=True, families=families).prompt))
-        out.append(prompt)
-    return out
+    return _prompts("eval", n, seed, True, families)
 
 
 def gold_reward(prompt_messages: Sequence[Message], response_text: str, prefer: str = "correct") -> float:
