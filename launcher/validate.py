@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from parallel.config import model_split_problems
+from parallel.config import ModelConfig, model_split_problems
 from trainer.data.chat_embedded import PREFERENCES  # torch-free (random, sentencepiece)
 from trainer.stages import RL_STAGES, SAMPLING_STAGES, STAGE_DATA, STAGE_HEAD, STAGES
 
@@ -229,12 +229,27 @@ def _check_rl(cfg: DictConfig) -> list[ConfigError]:
             "ppo.rollout_batch", rollout,
             f"stage=ppo splits the rollout into minibatches: must be a multiple of "
             f"train.global_batch={gb}"))
+    errors.extend(_check_reward_model_split(cfg, tp, pp))
     new, seq = cfg.sampling.max_new_tokens, cfg.model.seq_length
     if new >= seq:
         errors.append(ConfigError(
             "sampling.max_new_tokens", new,
             f"stage={stage} needs room for the prompt: must be < model.seq_length={seq}"))
     return errors
+
+
+def _check_reward_model_split(cfg: DictConfig, tp: int, pp: int) -> list[ConfigError]:
+    """The reward model (and a critic made from it) runs at this run's layout, with its own
+    model config: it must split over the same TP ranks and PP stages. Its config.yaml is
+    the run dir's or the step dir's (a checkpoints/ dir has it one level up)."""
+    where = Path(str(cfg.ppo.reward)).expanduser()
+    found = [p for p in (where / "config.yaml", where.parent / "config.yaml") if p.is_file()]
+    if not found:
+        return []  # _check_paths reports a missing path; the trainer names other problems
+    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(found[0]).get("model", {}))
+    return [ConfigError("ppo.reward", cfg.ppo.reward,
+                        f"the reward model cannot run at this layout: its {key}={value} {what}")
+            for key, value, what in model_split_problems(model, tp, pp)]
 
 
 def _check_paths(cfg: DictConfig) -> list[ConfigError]:

@@ -166,6 +166,21 @@ def test_a_good_rl_config_passes(stage: str, tmp_path: Path) -> None:
     assert errors == []
 
 
+def test_a_reward_model_that_cannot_split_over_this_layout_is_refused(tmp_path: Path) -> None:
+    """The reward model keeps its own model config but runs at the run's TP: 4 heads do not
+    split over 8 ranks, even though the policy's 8 heads do."""
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.yaml").write_text("model:\n  num_attention_heads: 4\n  head: scalar\n")
+    common = [f"ckpt.load={tmp_path / 'sft'}", f"ppo.reward={tmp_path / 'rm'}", "stage=ppo",
+              "model.num_attention_heads=8", "ppo.rollout_batch=16", "train.micro_batch=2",
+              f"run.dir={tmp_path / 'run'}"]
+    _, errors = preflight([*common, "parallel.tp=8", "cluster.procs_per_node=8"], False)
+    assert any(e.startswith("ppo.reward=") and "num_attention_heads=4" in e for e in errors), errors
+    _, errors = preflight([*common, "parallel.tp=2", "cluster.procs_per_node=2"], False)
+    assert errors == []
+
+
 # ---- hostile strings ------------------------------------------------------------------------
 
 HOSTILE = "a b;$(touch /tmp/pwned)`id`'\"\\ &|>"
