@@ -24,7 +24,7 @@ import torch
 
 from parallel.engine import Engine, all_reduce_host
 from parallel.vocab import logprobs_and_entropy
-from trainer.batches import causal_mask, join_outputs, split_rows
+from trainer.batches import join_outputs, lm_inputs, split_rows
 from trainer.config import SamplingConfig
 from trainer.data.chat_prepare import response_row
 from trainer.data.tokenizer import Tokenizer
@@ -125,15 +125,6 @@ class Rollout:
 
 # ---- forward passes (Megatron forward_step functions) --------------------------------------
 
-def model_inputs(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """batch["tokens"] [n, S+1] -> (inputs [n, S], labels [n, S], positions, causal mask)."""
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    n, s = inputs.shape
-    positions = torch.arange(s, device=device).unsqueeze(0).expand(n, s)
-    return inputs, labels, positions, causal_mask(s, device)
-
-
 def label_mask(batch: Batch, device: torch.device) -> torch.Tensor:
     """[n, S] 1 where the label (token j+1) belongs to the response."""
     return batch["response_mask"][:, 1:].to(device)
@@ -143,15 +134,15 @@ def policy_forward(batch: Batch, model: torch.nn.Module, device: torch.device, v
                    tp_group: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
     """The policy's logits and a function logits -> (log pi of the labels [n, S], entropy
     [n, S]) over the tokenizer's vocabulary (parallel.vocab)."""
-    inputs, labels, positions, mask = model_inputs(batch, device)
-    logits = model(inputs, positions, mask)
-    return logits, lambda output: logprobs_and_entropy(output, labels, vocab_size, tp_group)
+    x = lm_inputs(batch["tokens"], device)
+    logits = model(x["input_ids"], x["position_ids"], x["attention_mask"])
+    return logits, lambda output: logprobs_and_entropy(output, x["labels"], vocab_size, tp_group)
 
 
 def critic_forward(batch: Batch, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
     """Scalar-head values [n, S] (V of the state at each input position)."""
-    inputs, _, positions, mask = model_inputs(batch, device)
-    return model(inputs, positions, mask)
+    x = lm_inputs(batch["tokens"], device)
+    return model(x["input_ids"], x["position_ids"], x["attention_mask"])
 
 
 def forward_rows(engine: Engine, rows: Batch, micro_batch: int, step: Callable[[Batch, torch.nn.Module], Any],
