@@ -18,7 +18,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -257,13 +257,70 @@ def _points(args: argparse.Namespace) -> tuple[list[Point], list[str]]:
                      config_dir=args.config_dir, config_path=args.config_path)
 
 
+def _recipe_steps(args: argparse.Namespace) -> tuple[Optional[DictConfig], list[Any], list[str]]:
+    """(the root config, every step composed, errors) of `chatforge recipe=<name> ...`."""
+    from hydra import compose, initialize_config_dir
+
+    from launcher.recipe import RecipeError, compose_steps
+
+    if args.multirun:
+        return None, [], ["-m: a recipe is a chain of runs of its own; sweep a stage, not a recipe"]
+    name = args.config_name or CONFIG_NAME
+    search = ([f"hydra.searchpath=[file://{os.path.abspath(args.config_dir)}]"]
+              if args.config_dir is not None else [])
+
+    def compose_step(step_overrides: list[str]) -> DictConfig:
+        try:
+            return compose(config_name=name, overrides=step_overrides + search)
+        except Exception as exc:  # a composition failure is a usage error: one line
+            raise RecipeError(error_line(exc, step_overrides)) from exc
+
+    register_schema()
+    with initialize_config_dir(config_dir=_primary_dir(args.config_path), version_base="1.3", job_name="chatforge"):
+        try:
+            root = compose_step(list(args.overrides))
+            steps, errors = compose_steps(root, list(args.overrides), compose_step)
+        except RecipeError as exc:
+            return None, [], [str(exc)]
+    return root, steps, errors
+
+
+def recipe_command(args: argparse.Namespace, plan_only: bool = False) -> int:
+    """`chatforge [plan] recipe=<name> ...`: validate every step, then run the chain locally
+    or submit it to SLURM as dependent jobs (launcher/recipe.py)."""
+    from launcher.recipe import describe, run_steps
+
+    root_cfg, steps, errors = _recipe_steps(args)
+    if errors or root_cfg is None:
+        return _fail(errors)
+    root = Path(str(root_cfg.run.dir)).absolute()
+    if plan_only:
+        print(f"# recipe={root_cfg.recipe.name} run.dir={root}\n{describe(steps)}")
+        for step in steps:
+            print(f"## step {step.name}: chatforge {' '.join(step.overrides)}")
+        return 0
+    if root_cfg.cluster.name == "slurm":
+        from launcher.slurm import run_recipe_on_slurm
+
+        return run_recipe_on_slurm(steps, root, bool(root_cfg.cluster.wait))
+
+    def run_step(cfg: DictConfig) -> int:
+        return BACKENDS[cfg.cluster.name](cfg, write_resolved_config(cfg, Path(str(cfg.run.dir))))
+
+    return run_steps(steps, root, run_step)
+
+
 def run_command(argv: list[str]) -> int:
     """Default command: preflight every point, then run the one job, or let Hydra's sweeper
-    run every point of a -m sweep (and summarize them)."""
+    run every point of a -m sweep (and summarize them); a recipe runs its chain."""
     import hydra
+
+    from launcher.recipe import is_recipe
 
     args = _parse(argv)
     register_schema()  # also needed by --help/--cfg, which skip the preflight
+    if _runs_jobs(args) and is_recipe(args.overrides):
+        return recipe_command(args)
     if _runs_jobs(args):
         points, errors = _points(args)
         if errors:
@@ -289,6 +346,10 @@ def plan_command(argv: list[str]) -> int:
     from launcher.plan import format_plan
 
     args = _parse(argv)
+    from launcher.recipe import is_recipe
+
+    if is_recipe(args.overrides):
+        return recipe_command(args, plan_only=True)
     points, errors = _points(args)
     if errors:
         return _fail(errors)
@@ -347,9 +408,18 @@ def _chat(argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "trainer.chat", *argv])
 
 
+def _tool(module: str) -> Callable[[list[str]], int]:
+    """A subcommand that is a tools/ module in its own process (the launcher stays torch-free)."""
+    def command(argv: list[str]) -> int:
+        import subprocess
+
+        return subprocess.call([sys.executable, "-m", module, *argv])
+    return command
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "run": run_command, "plan": plan_command, "jobs": _jobs, "logs": _logs, "cancel": _cancel,
-    "chat": _chat}
+    "chat": _chat, "import-hf": _tool("tools.hf_import"), "export-hf": _tool("tools.hf_export")}
 
 
 def main() -> None:

@@ -53,3 +53,31 @@ class ClusterConfig:
     peak_tflops: float = 989.0  # per device, dense bf16 (H100 SXM); fp32 runs use it too
     mfu: float = 0.4  # model FLOPs utilisation assumed for step time
     price_per_gpu_hour: float = 2.0  # currency units, for the cost line
+
+
+@dataclass
+class RecipeStep:
+    """One step of a recipe: an ordinary chatforge run in <run.dir>/<step name>/."""
+
+    stage: str = ""  # a conf/stage option
+    # Config key -> the step whose output it reads (ckpt.load: sft, ppo.reward: rm), or
+    # several, comma-separated, for list-valued keys (eval.models). The value becomes that
+    # step's run dir (tokenizer.path: its tokenizer file).
+    inputs: dict[str, str] = field(default_factory=dict)
+    # The recipe's own overrides for this step (Hydra syntax, e.g. train.steps=300).
+    overrides: list[str] = field(default_factory=list)
+    # The user's, applied last: recipe.steps.sft.extra=[data=chatml,data.path=chats.jsonl].
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RecipeConfig:
+    """`chatforge recipe=<name>`: a chain of steps (conf/recipe/, launcher/recipe.py).
+    Command-line overrides apply to every step and win over the recipe's own."""
+
+    name: str = ""  # empty: no recipe (one run of `stage`)
+    # Overrides every step gets first (a step's own and the command line's win over them).
+    common: list[str] = field(default_factory=list)
+    steps: dict[str, RecipeStep] = field(default_factory=dict)
+    # Run only these steps (empty: all); the others' outputs are used if they finished.
+    only: list[str] = field(default_factory=list)

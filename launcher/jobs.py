@@ -104,14 +104,15 @@ def jobs_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     entries = read_index()[-args.n:]
     found = states([str(e["job_id"]) for e in entries])
-    rows = [("JOBID", "STATE", "NODES", "STEP", "LOSS", "SUBMITTED", "RUN_DIR")]
+    # AFTER: the jobs it waits for (a recipe's chain: afterok dependencies on its inputs).
+    rows = [("JOBID", "STATE", "AFTER", "NODES", "STEP", "LOSS", "SUBMITTED", "RUN_DIR")]
     for e in entries:
         state, nodes = found.get(str(e["job_id"]), ("UNKNOWN", ""))
         last = last_metrics(Path(e["run_dir"]))
         loss = f"{last['loss']:.4f}" if isinstance(last.get("loss"), (int, float)) else "-"
         when = time.strftime("%m-%d %H:%M", time.localtime(float(e.get("submitted", 0))))
-        rows.append((str(e["job_id"]), state, nodes or "-", str(last.get("step", "-")), loss,
-                     when, str(e["run_dir"])))
+        rows.append((str(e["job_id"]), state, ",".join(e.get("after") or []) or "-", nodes or "-",
+                     str(last.get("step", "-")), loss, when, str(e["run_dir"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])

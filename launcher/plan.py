@@ -18,6 +18,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from parallel.config import lora_targets  # torch-free
+
 GB = 1e9
 
 
@@ -114,6 +116,47 @@ def params_per_device(cfg: Any) -> int:
     return layers + (first + last if pp == 1 else max(first, last))
 
 
+def lora_params_per_device(cfg: Any) -> int:
+    """Adapter parameters per model on the busiest rank (0 without LoRA): r x (in + out) per
+    targeted layer, the factor split like the layer's weight divided by TP (docs/lora.md)."""
+    rank = int(cfg.lora.rank)
+    if rank <= 0:
+        return 0
+    m = cfg.model
+    h, heads, tp = int(m.hidden_size), int(m.num_attention_heads), int(cfg.parallel.tp)
+    kv = h * int(m.num_query_groups or heads) // heads
+    ffn = ffn_size(m)
+    # target -> (in, out, column-parallel: B split over TP; else row-parallel: A split)
+    shapes = {"linear_qkv": (h, h + 2 * kv, True), "linear_proj": (h, h, False),
+              "linear_fc1": (h, 2 * ffn if m.activation == "swiglu" else ffn, True),
+              "linear_fc2": (ffn, h, False)}
+    per_layer = 0
+    for target in lora_targets(cfg.lora):
+        fan_in, fan_out, column = shapes[target]
+        per_layer += rank * (fan_in + fan_out // tp if column else fan_in // tp + fan_out)
+    return int(m.num_layers) // int(cfg.parallel.pp) * per_layer
+
+
+def lora_activation_bytes_per_layer(cfg: Any) -> float:
+    """What adapters add to a layer's activations per microbatch: u = A x (r per token) for
+    B's gradient, and with lora.dropout a dropped copy of x with its mask. Their x is the
+    layer input the base keeps anyway."""
+    rank = int(cfg.lora.rank)
+    if rank <= 0:
+        return 0.0
+    m, tp = cfg.model, int(cfg.parallel.tp)
+    tokens = int(m.seq_length) * int(cfg.train.micro_batch)
+    scale = 2.0 if cfg.parallel.precision == "fp32" else 1.0
+    ffn, h = ffn_size(m), int(m.hidden_size)
+    inputs = {"linear_qkv": h, "linear_proj": h // tp, "linear_fc1": h, "linear_fc2": ffn // tp}
+    total = 0.0
+    for target in lora_targets(cfg.lora):
+        total += scale * 2 * tokens * rank
+        if float(cfg.lora.dropout) > 0:
+            total += (scale * 2 + 1) * tokens * inputs[target]
+    return total
+
+
 def bytes_per_param(precision: str, distributed: bool, dp: int) -> dict[str, float]:
     """Weights, gradients and optimizer states per parameter (AdamW).
 
@@ -155,6 +198,8 @@ class Memory:
     recompute: str  # the configured mode
     frozen: float = 0.0  # weights of forward-only models (DPO's reference, best-of-N's)
     trained_models: int = 1  # models with grads and optimizer states (PPO/A2C: 2)
+    # Parameters with grads and optimizer states on the busiest rank (all of them but LoRA's base).
+    trainable_params: int = 0
 
     @property
     def total(self) -> float:
@@ -171,8 +216,15 @@ def memory_per_device(cfg: Any) -> Memory:
     optimizer step, which set the microbatches in flight, are train.global_batch (PPO) or
     the whole ppo.rollout_batch (A2C), plus train.global_batch SFT rows with PPO-ptx. Actor
     and critic step one after the other, so activations count once (the critic's scalar
-    head has no vocabulary logits). The rollout's KV cache is not counted."""
-    from trainer.stages import EXTRA_TRAINED_MODELS, FROZEN_MODELS, NO_TRAINING, RL_STAGES, ROWS_PER_SAMPLE
+    head has no vocabulary logits). The rollout's KV cache is not counted.
+
+    LoRA (lora.rank > 0): every trained model holds its base weights and adapters, but grads
+    and optimizer states only for the adapters (and a scalar head); DPO's and PPO's reference
+    is the policy's frozen base, not a model of its own (LORA_SHARED_REFERENCE).
+    Full recomputation keeps the input of every block of parallel.recompute_num_layers layers
+    and rebuilds one block at a time."""
+    from trainer.stages import (EXTRA_TRAINED_MODELS, FROZEN_MODELS, LORA_SHARED_REFERENCE, NO_TRAINING,
+                                RL_STAGES, ROWS_PER_SAMPLE)
 
     stage = str(cfg.stage.name)
     trained = 1 + EXTRA_TRAINED_MODELS.get(stage, 0)
@@ -183,7 +235,9 @@ def memory_per_device(cfg: Any) -> Memory:
     n = params_per_device(cfg)
     per = bytes_per_param(str(cfg.parallel.precision),
                           bool(cfg.parallel.distributed_optimizer), lay.dp)
-    frozen = FROZEN_MODELS.get(stage, 0) * n * per["weights"]
+    lora = lora_params_per_device(cfg) if stage not in NO_TRAINING else 0
+    frozen_models = FROZEN_MODELS.get(stage, 0) - (1 if lora and stage in LORA_SHARED_REFERENCE else 0)
+    frozen = frozen_models * n * per["weights"]
     if stage in NO_TRAINING:
         none = {mode: 0.0 for mode in ("none", "selective", "full")}
         return Memory(0.0, 0.0, 0.0, none, 0.0, str(cfg.parallel.recompute), frozen)
@@ -193,16 +247,22 @@ def memory_per_device(cfg: Any) -> Memory:
             + (gb if float(cfg.ppo.ptx_coef) > 0 else 0)
     micro = max(1, step_rows // (int(cfg.train.micro_batch) * lay.dp))
     # 1F1B: the first stage holds min(pp, microbatches) microbatches of its layers in flight.
-    in_flight = (int(cfg.model.num_layers) // lay.pp) * min(lay.pp, micro)
-    acts = {mode: in_flight * activation_bytes_per_layer(cfg, mode)
-            for mode in ("none", "selective", "full")}
-    # Full recomputation rebuilds one layer at a time: its activations exist once more.
-    acts["full"] += activation_bytes_per_layer(cfg, "none")
+    stage_layers, flights = int(cfg.model.num_layers) // lay.pp, min(lay.pp, micro)
+    adapters = lora_activation_bytes_per_layer(cfg)
+    acts = {mode: stage_layers * flights * (activation_bytes_per_layer(cfg, mode) + adapters)
+            for mode in ("none", "selective")}
+    block = min(max(int(cfg.parallel.recompute_num_layers), 1), stage_layers)
+    blocks = -(-stage_layers // block)
+    acts["full"] = blocks * flights * activation_bytes_per_layer(cfg, "full") \
+        + block * (activation_bytes_per_layer(cfg, "none") + adapters)
     s, b = int(cfg.model.seq_length), int(cfg.train.micro_batch)
     logits = 4.0 * s * b * padded_vocab(cfg) / lay.tp  # fp32 logits for the loss, last stage
-    n_trained = trained * n
-    return Memory(n_trained * per["weights"], n_trained * per["grads"], n_trained * per["optimizer"], acts,
-                  logits, str(cfg.parallel.recompute), frozen, trained)
+    # A trained scalar head (the reward model's, the PPO critic's) is h + 1 parameters.
+    heads = (cfg.model.head == "scalar") + (stage in RL_STAGES)
+    trainable = trained * lora + heads * (int(cfg.model.hidden_size) + 1) if lora else trained * n
+    weights = trained * (n + lora) * per["weights"]
+    return Memory(weights, trainable * per["grads"], trainable * per["optimizer"], acts,
+                  logits, str(cfg.parallel.recompute), frozen, trained, trainable)
 
 
 @dataclass(frozen=True)
@@ -260,6 +320,9 @@ def format_plan(cfg: Any) -> str:
     if mem.trained_models > 1:
         lines.append(f"  {mem.trained_models} trained models (the policy and, as large, a critic): "
                      f"weights, grads and optimizer count each")
+    if int(cfg.lora.rank) > 0 and mem.trainable_params:
+        lines.append(f"  LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: {mem.trainable_params / 1e6:,.2f}M "
+                     f"trainable params on the busiest rank; grads and optimizer states count only these")
     lines.append(f"  weights {mem.weights / GB:8.2f} GB   grads {mem.grads / GB:8.2f} GB   "
                  f"optimizer {mem.optimizer / GB:8.2f} GB   logits {mem.logits / GB:6.2f} GB"
                  + (f"   frozen models {mem.frozen / GB:8.2f} GB" if mem.frozen else ""))

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -40,9 +40,10 @@ def srun_args(cfg: DictConfig) -> list[str]:
     return args + [str(arg) for arg in c.srun_extra]
 
 
-def executor_parameters(cfg: DictConfig) -> dict[str, Any]:
+def executor_parameters(cfg: DictConfig, after: Sequence[str] = ()) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for this run: the one mapping from cluster.* keys
-    to sbatch options (validate_cluster.OWNED_SBATCH lists the options taken here)."""
+    to sbatch options (validate_cluster.OWNED_SBATCH lists the options taken here). `after`:
+    job ids that must complete first (a recipe step's inputs)."""
     c = cfg.cluster
     params: dict[str, Any] = {
         "job_name": job_name(cfg),
@@ -67,6 +68,10 @@ def executor_parameters(cfg: DictConfig) -> dict[str, Any]:
     # Our USR1 replaces submitit's default USR2@90 (the trainer handles USR1 and SIGTERM);
     # --requeue lets `scontrol requeue` work where the site default is JobRequeue=0.
     extra.update({"signal": f"USR1@{int(c.signal_seconds)}", "requeue": True})
+    if after:
+        # kill-on-invalid-dep: when an input fails, its dependents end (CANCELLED) instead of
+        # pending forever with DependencyNeverSatisfied; rerunning the recipe resubmits them.
+        extra.update({"dependency": "afterok:" + ":".join(after), "kill-on-invalid-dep": "yes"})
     params["additional_parameters"] = extra
     return params
 
@@ -76,7 +81,7 @@ def task_command(python: str, folder: Path) -> str:
     return " ".join([python, "-u -m launcher.slurm_task", shlex.quote(str(folder))])
 
 
-def make_executor(cfg: DictConfig, folder: Path) -> Any:
+def make_executor(cfg: DictConfig, folder: Path, after: Sequence[str] = ()) -> Any:
     import submitit
 
     class Executor(submitit.SlurmExecutor):  # type: ignore[misc]
@@ -89,7 +94,7 @@ def make_executor(cfg: DictConfig, folder: Path) -> Any:
         python = "python3"  # the image's interpreter, which must have chatforge installed
     executor = Executor(folder=folder, max_num_timeout=int(cfg.cluster.max_requeues),
                         python=python)
-    executor.update_parameters(**executor_parameters(cfg))
+    executor.update_parameters(**executor_parameters(cfg, after))
     return executor
 
 
@@ -100,8 +105,9 @@ class Submitted:
     job: Any  # submitit.SlurmJob
 
 
-def submit(cfg: DictConfig, config_path: Path) -> Submitted:
-    """Submit the run; returns at once (the job may still be pending)."""
+def submit(cfg: DictConfig, config_path: Path, after: Sequence[str] = (), step: str = "") -> Submitted:
+    """Submit the run; returns at once (the job may still be pending). `after`: job ids that
+    must complete successfully first (a recipe's inputs); `step`: its recipe step name."""
     from launcher.jobs import record_job
 
     run_dir = Path(str(cfg.run.dir))
@@ -114,10 +120,10 @@ def submit(cfg: DictConfig, config_path: Path) -> Submitted:
     (folder / TASK_FILE).write_text(json.dumps(asdict(task)))
     # submitit pickles the callable too; the tasks read task.json (see launcher.slurm_task),
     # so job.result() is not used: states come from sacct.
-    job = make_executor(cfg, folder).submit(task)
+    job = make_executor(cfg, folder, after).submit(task)
     info = {"job_id": str(job.job_id), "run_dir": str(run_dir), "name": job_name(cfg),
             "nodes": int(cfg.cluster.nodes), "procs_per_node": int(cfg.cluster.procs_per_node),
-            "submitted": time.time(), "folder": str(folder)}
+            "submitted": time.time(), "folder": str(folder), "after": list(after), "step": step}
     tmp = folder / f".job.json.{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, folder / "job.json")
@@ -198,3 +204,35 @@ def sbatch_script(cfg: DictConfig) -> str:
     python = "python3" if cfg.cluster.container_image else shlex.quote(sys.executable)
     command = task_command(python, folder)
     return str(_make_sbatch_string(command=command, folder=folder, **params))
+
+
+def active_job(run_dir: Path) -> Optional[str]:
+    """The job id of the run's last submission if it is still queued or running."""
+    path = run_dir / "logs" / "slurm" / "job.json"
+    if not path.is_file():
+        return None
+    job_id = str(json.loads(path.read_text())["job_id"])
+    return None if job_state(job_id) in FINAL | {"UNKNOWN"} else job_id
+
+
+def run_recipe_on_slurm(steps: list[Any], root: Path, wait_for_all: bool) -> int:
+    """Submit a recipe's unfinished steps as a chain of dependent jobs (launcher.recipe),
+    then, with cluster.wait, follow them in order until the last one ends."""
+    from launcher.cli import write_resolved_config
+    from launcher.recipe import REPORT, submit_steps
+
+    def submit_step(cfg: DictConfig, step: Any, after: list[str]) -> str:
+        return submit(cfg, write_resolved_config(cfg, Path(str(cfg.run.dir))), after, step.name).job_id
+
+    jobs = submit_steps(steps, root, submit_step, active_job)
+    print(f"chatforge: recipe submitted in {root}: {len(jobs)} job(s); chatforge jobs shows the chain", flush=True)
+    if not wait_for_all:
+        return 0
+    for step in steps:
+        if step.name in jobs:
+            print(f"chatforge: following recipe step {step.name} (job {jobs[step.name]})", flush=True)
+            code = wait(Submitted(jobs[step.name], step.run_dir, None))
+            if code:
+                return code
+    print(f"chatforge: recipe done; report: {root / REPORT}", flush=True)
+    return 0

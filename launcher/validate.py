@@ -14,26 +14,27 @@ from typing import Any, Callable, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from parallel.config import ModelConfig, model_split_problems
-from trainer.data.chat_embedded import PREFERENCES  # torch-free (random, sentencepiece)
-from trainer.stages import RL_STAGES, SAMPLING_STAGES, STAGE_DATA, STAGE_HEAD, STAGES
+from parallel.config import LORA_TARGETS, ModelConfig, lora_targets, model_split_problems
+from trainer.data.chat_embedded import EVAL_TASKS, PREFERENCES  # torch-free (random, sentencepiece)
+from trainer.stages import NO_TRAINING, RL_STAGES, SAMPLING_STAGES, STAGE_DATA, STAGE_HEAD, STAGES
 
 # The one place that lists the allowed values of every enumerated string field (the
 # dataclass comments mirror it; OmegaConf cannot type-check Literal annotations).
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.position_embedding": ("learned", "rope"),
     "model.normalization": ("LayerNorm", "RMSNorm"),
-    "model.activation": ("gelu", "swiglu"),
+    "model.activation": ("gelu", "gelu_tanh", "swiglu"),
     "model.head": ("lm", "scalar"),
     "parallel.precision": ("fp32", "bf16"),
     "parallel.recompute": ("none", "selective", "full"),
-    "optim.name": ("adam", "adamw"),
+    "optim.name": ("adam", "adamw", "adam8bit"),
     "optim.decay": ("cosine", "linear", "constant"),
     "logger": ("wandb", "none"),
     "wandb.mode": ("auto", "offline", "online"),
     "data.format": ("embedded", "text", "chatml", "alpaca", "hh_rlhf", "preference"),
     "data.overlong": ("truncate", "drop"),
     "data.embedded.prefer": PREFERENCES,
+    "data.embedded.eval_tasks": EVAL_TASKS,
     "stage.name": tuple(STAGES),
     "rm.reduce": ("last", "mean"),
     "dpo.loss": ("sigmoid", "ipo"),
@@ -50,6 +51,7 @@ POSITIVE: tuple[str, ...] = (
     "cluster.threads_per_proc",
     "parallel.tp",
     "parallel.pp",
+    "parallel.recompute_num_layers",
     "model.num_layers",
     "model.hidden_size",
     "model.num_attention_heads",
@@ -252,7 +254,9 @@ def _check_reward_model_split(cfg: DictConfig, tp: int, pp: int) -> list[ConfigE
             for key, value, what in model_split_problems(model, tp, pp)]
 
 
-def _check_paths(cfg: DictConfig) -> list[ConfigError]:
+def _check_paths(cfg: DictConfig, pending: frozenset[str] = frozenset()) -> list[ConfigError]:
+    """Inputs exist: data, tokenizer, checkpoints. `pending`: paths an earlier step of a
+    recipe will write (they count as present)."""
     errors = []
     if cfg.data.format not in ("embedded", "text"):
         raw = cfg.data.path or ""
@@ -270,13 +274,46 @@ def _check_paths(cfg: DictConfig) -> list[ConfigError]:
             if problems:
                 errors.append(ConfigError("data.path", raw, "; ".join(problems)))
     tokenizer = cfg.tokenizer.path
-    if tokenizer and (why := _missing_file(tokenizer)):
+    if tokenizer and tokenizer not in pending and (why := _missing_file(tokenizer)):
         errors.append(ConfigError("tokenizer.path", tokenizer, why))
-    for key in ("ckpt.load", "best_of_n.reward", "ppo.reward"):
-        load = _get(cfg, key)
-        if load and not Path(load).expanduser().exists():
-            where = Path(load).expanduser()
-            errors.append(ConfigError(key, load, f"no such checkpoint: {where}"))
+    for key in ("ckpt.load", "best_of_n.reward", "ppo.reward", "eval.baseline", "eval.reward",
+                "eval.models", "eval.runs"):
+        value = _get(cfg, key)
+        for load in [p.strip() for p in str(value or "").split(",") if p.strip()]:
+            if load not in pending and not Path(load).expanduser().exists():
+                errors.append(ConfigError(key, value, f"no such run or checkpoint: {Path(load).expanduser()}"))
+    if cfg.stage.name == "eval" and not str(cfg.eval.models).strip():
+        errors.append(ConfigError("eval.models", cfg.eval.models, "stage=eval needs the run dirs to evaluate"))
+    return errors
+
+
+def _check_memory_savers(cfg: DictConfig) -> list[ConfigError]:
+    """LoRA's values and its base; 8-bit Adam. A stage that trains nothing ignores lora.*."""
+    errors = []
+    if _get(cfg, "optim.name") == "adam8bit":
+        errors.append(ConfigError(
+            "optim.name", "adam8bit", "8-bit Adam (bitsandbytes) is not supported: chatforge's "
+            "reshardable optimizer checkpoints and distributed optimizer keep Adam's moments in fp32; "
+            "use parallel.distributed_optimizer=true (shards them over DP) or lora.rank > 0 "
+            "(moments for the adapters only); docs/lora.md"))
+    rank = _get(cfg, "lora.rank")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        return errors + [ConfigError("lora.rank", rank, "must be an integer >= 0 (0 is off)")]
+    if rank == 0 or _get(cfg, "stage.name") in NO_TRAINING:
+        return errors
+    alpha, dropout = _get(cfg, "lora.alpha"), _get(cfg, "lora.dropout")
+    if not alpha > 0:
+        errors.append(ConfigError("lora.alpha", alpha, "must be > 0 (the adapter's scale is alpha / rank)"))
+    if not 0 <= dropout < 1:
+        errors.append(ConfigError("lora.dropout", dropout, "must be in [0, 1)"))
+    targets = lora_targets(cfg.lora)
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    if bad or not targets or len(set(targets)) != len(targets):
+        errors.append(ConfigError("lora.targets", _get(cfg, "lora.targets"),
+                                  f"must be distinct names among {','.join(LORA_TARGETS)}, comma-separated"))
+    if not _get(cfg, "ckpt.load"):
+        errors.append(ConfigError("lora.rank", rank, "adapters train on a frozen base model: needs ckpt.load "
+                                                     "(the run or checkpoint to adapt)"))
     return errors
 
 
@@ -284,16 +321,18 @@ def _bad_keys(errors: Iterable[ConfigError]) -> set[str]:
     return {error.key for error in errors}
 
 
-def find_errors(cfg: DictConfig | Any) -> list[ConfigError]:
-    """Every problem in `cfg` (a composed DictConfig or a trainer.config.Config), in order."""
+def find_errors(cfg: DictConfig | Any, pending: frozenset[str] = frozenset()) -> list[ConfigError]:
+    """Every problem in `cfg` (a composed DictConfig or a trainer.config.Config), in order.
+    `pending`: paths that do not exist yet but will (a recipe's earlier steps write them)."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.structured(cfg)
     errors = _check_choices(cfg) + _check_positive(cfg)
     # Arithmetic on a value already reported as bad would only repeat (or crash on) it.
     dependent: list[tuple[Callable[[DictConfig], list[ConfigError]], tuple[str, ...]]] = [
         (_check_layout, LAYOUT_KEYS),
-        (_check_paths, ("data.format",)),
+        (lambda c: _check_paths(c, pending), ("data.format",)),
         (_check_stage, ("stage.name", "data.format", "model.head")),
+        (_check_memory_savers, ("stage.name", "optim.name")),
         (_check_rl, ("stage.name", "ppo.rollout_batch", "sampling.max_new_tokens", "model.seq_length")
          + LAYOUT_KEYS),
     ]

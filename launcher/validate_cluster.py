@@ -25,6 +25,7 @@ OWNED_SBATCH = {
     "time": "cluster.time_min", "partition": "cluster.partition", "account": "cluster.account",
     "qos": "cluster.qos", "constraint": "cluster.constraint", "exclusive": "cluster.exclusive",
     "job-name": "cluster.job_name", "signal": "cluster.signal_seconds",
+    "dependency": "recipe= (a recipe chains its steps' jobs)", "kill-on-invalid-dep": "recipe=",
     "output": "run.dir", "error": "run.dir", "array": "-m (sweeps)",
 }
 # Free-text values that end up on an #SBATCH line or an srun argument: quoted by the

@@ -19,7 +19,9 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 from megatron.core.optimizer import distrib_optimizer
 
+from parallel.config import LoRAConfig
 from parallel.engine import Engine
+from parallel.lora import is_adapter_key, merge_adapters, swapped_adapters
 
 # Reshardable across TP, PP and DP (see module docstring).
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -80,15 +82,36 @@ def _unshare_steps(engine: Engine) -> None:
             state["step"] = state["step"].clone()
 
 
-def sharded_state(engine: Engine, name: str, with_optimizer: bool, is_loading: bool) -> dict[str, Any]:
+def model_part(engine: Engine, with_optimizer: bool) -> str:
+    """Which model tensors a save or load moves: a LoRA engine saves and resumes only what
+    trains (its adapters and a scalar head: "trained"); from a full checkpoint it loads all but
+    its adapters ("base"), which keep their init."""
+    if engine.lora is None:
+        return "all"
+    return "trained" if with_optimizer else "base"
+
+
+def model_state(engine: Engine, part: str) -> dict[str, Any]:
+    """The engine's sharded model state: "all", "trained" or "base" (see model_part)."""
+    state = engine.module.sharded_state_dict()
+    if part == "trained":
+        names = {name for name, param in engine.module.named_parameters() if param.requires_grad}
+        return {key: value for key, value in state.items() if key in names}
+    if part == "base":
+        return {key: value for key, value in state.items() if not is_adapter_key(key)}
+    return state
+
+
+def sharded_state(engine: Engine, name: str, with_optimizer: bool, is_loading: bool,
+                  part: str = "all") -> dict[str, Any]:
     """The engine's sharded state with every checkpoint key prefixed by `name.`, so several
     engines (actor, critic, ...) share one checkpoint without key collisions."""
-    model_state = engine.module.sharded_state_dict()
-    state: dict[str, Any] = {"model": model_state}
+    model_sd = model_state(engine, part)
+    state: dict[str, Any] = {"model": model_sd}
     if with_optimizer and engine.trainable:
         ensure_optimizer_state(engine)
         state["optimizer"] = engine.optimizer.sharded_state_dict(
-            model_state, is_loading=is_loading, metadata=_OPTIMIZER_METADATA)
+            model_sd, is_loading=is_loading, metadata=_OPTIMIZER_METADATA)
     add_prefix_for_sharding(state, f"{name}.")
     return state
 
@@ -97,7 +120,8 @@ def save_engines(engines: dict[str, Engine], directory: Path, async_save: bool =
     """Write all engines' shards (model and optimizer) into `directory` in one collective
     save; every rank calls it. With `async_save` the tensor writes happen in the background:
     the returned request must be scheduled, and the files are complete only after it ran."""
-    state = {name: sharded_state(engine, name, with_optimizer=True, is_loading=False)
+    state = {name: sharded_state(engine, name, with_optimizer=True, is_loading=False,
+                                 part=model_part(engine, with_optimizer=True))
              for name, engine in engines.items()}
     return dist_checkpointing.save(state, str(directory), async_sharded_save=async_save)
 
@@ -115,26 +139,31 @@ def load_engines(engines: dict[str, Engine], directory: Path, with_optimizer: bo
     """Load engines from `directory` at whatever layout this run has. `sources` maps an
     engine to the name it was saved under (e.g. a PPO actor from an SFT "model").
     `keep_init`: model key prefixes (e.g. "output_layer.") not loaded, keeping their
-    initial values (a scalar head on an LM checkpoint); weights-only loads only."""
+    initial values (a scalar head on an LM checkpoint); weights-only loads only. A LoRA
+    engine moves only part of its model (model_part); what it leaves out keeps its values."""
     if keep_init and with_optimizer:
         raise ValueError("keep_init needs a weights-only load (the optimizer state would not match)")
     sources = sources or {}
     state = {}
-    skipped: dict[str, list[str]] = {}
+    left: dict[str, set[str]] = {}
     for name, engine in engines.items():
         source = sources.get(name, name)
+        part = model_part(engine, with_optimizer)
         if keep_init:
-            model_state = engine.module.sharded_state_dict()
-            skipped[name] = _drop_keys(model_state, keep_init)
-            state[name] = {"model": model_state}
+            model_sd = model_state(engine, part)
+            skipped = _drop_keys(model_sd, keep_init)
+            state[name] = {"model": model_sd}
             add_prefix_for_sharding(state[name], f"{source}.")
         else:
-            state[name] = sharded_state(engine, source, with_optimizer, is_loading=True)
+            skipped = []
+            state[name] = sharded_state(engine, source, with_optimizer, is_loading=True, part=part)
+        if skipped or part != "all":
+            left[name] = set(engine.module.state_dict()) - set(state[name]["model"]) | set(skipped)
     loaded = dist_checkpointing.load(state, str(directory))
     for name, engine in engines.items():
-        result = engine.module.load_state_dict(loaded[name]["model"], strict=not skipped.get(name))
-        if skipped.get(name):
-            unexpected = [k for k in result.missing_keys if not k.startswith(keep_init)]
+        result = engine.module.load_state_dict(loaded[name]["model"], strict=name not in left)
+        if name in left:
+            unexpected = [k for k in result.missing_keys if k not in left[name]]
             if unexpected or result.unexpected_keys:
                 raise RuntimeError(f"load of {name!r}: missing {unexpected}, unexpected {result.unexpected_keys}")
         # `loaded` also holds the checkpoint's common (non-tensor) state, so an "optimizer"
@@ -145,3 +174,27 @@ def load_engines(engines: dict[str, Engine], directory: Path, with_optimizer: bo
         elif engine.trainable and hasattr(engine.optimizer, "reload_model_params"):
             # Mixed-precision optimizers keep fp32 copies of the weights: refresh them.
             engine.optimizer.reload_model_params()
+
+
+def merge_saved_adapters(engine: Engine, directory: Path, source: str, lora: LoRAConfig,
+                         keep_init: tuple[str, ...] = ()) -> int:
+    """Fold the adapters that a LoRA checkpoint in `directory` saved for engine `source`
+    into `engine`'s weights, and load the other tensors it trained (a scalar head) as they
+    are; `engine`'s own adapters, if any, are set aside meanwhile and keep their values.
+    Keys under `keep_init` stay as they are. Collective. Returns the layers merged."""
+    saved = set(dist_checkpointing.load_tensors_metadata(str(directory)))
+    module = engine.module
+    with swapped_adapters(module, lora):
+        wanted = {key: value for key, value in module.sharded_state_dict().items()
+                  if f"{source}.{value.key}" in saved and not key.startswith(keep_init)}
+        # Nested as a save nests it: the checkpoint's common state merges in beside "model".
+        state = {source: {"model": wanted}}
+        add_prefix_for_sharding(state[source], f"{source}.")
+        loaded = dist_checkpointing.load(state, str(directory))
+        result = module.load_state_dict(loaded[source]["model"], strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"adapters of {source!r}: unexpected {result.unexpected_keys}")
+        merged = merge_adapters(module)
+    if engine.trainable and engine.lora is None and hasattr(engine.optimizer, "reload_model_params"):
+        engine.optimizer.reload_model_params()  # mixed precision: refresh the fp32 copies
+    return merged

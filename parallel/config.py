@@ -26,7 +26,7 @@ class ModelConfig:
     position_embedding: str = "learned"  # learned | rope
     rotary_base: int = 10000
     normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
-    activation: str = "gelu"  # gelu | swiglu
+    activation: str = "gelu"  # gelu (erf) | gelu_tanh (GPT-2's "gelu_new") | swiglu
     tie_embeddings: bool = True
     add_bias: bool = True
     hidden_dropout: float = 0.0
@@ -67,6 +67,28 @@ class OptimConfig:
     decay: str = "cosine"  # cosine | linear | constant
     # None: decay over train.steps.
     decay_steps: Optional[int] = None
+
+
+# Megatron's names of the tensor-parallel linear layers LoRA can adapt: the attention's QKV
+# and output projections (column-, row-parallel) and the MLP's two layers (likewise).
+LORA_TARGETS: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021): W x + (alpha / rank) B A x on the targeted layers,
+    B zero-initialised. With rank > 0 only the adapters (and a scalar head) train and are
+    saved; the base weights stay frozen as ckpt.load had them. docs/lora.md."""
+
+    rank: int = 0  # 0: off
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input only
+    # Comma-separated, among LORA_TARGETS.
+    targets: str = "linear_qkv,linear_proj,linear_fc1,linear_fc2"
+
+
+def lora_targets(lora: LoRAConfig) -> list[str]:
+    return [t.strip() for t in str(lora.targets).split(",") if t.strip()]
 
 
 Problem = tuple[str, object, str]  # (config key, bad value, what is wrong)

@@ -21,8 +21,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import param_is_not_shared
 
-from parallel.config import ModelConfig, OptimConfig, ParallelConfig
+from parallel.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig
 from parallel.groups import Topology
+from parallel.lora import freeze_base, lora_active
 from parallel.model import build_model
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -47,14 +48,23 @@ class Engine:
     """A model (this rank's pipeline stage) that can train or only run forward.
 
     A frozen engine (`optim=None`) has no optimizer or DDP buffers: reference and reward
-    models in DPO/PPO cost forward memory only."""
+    models in DPO/PPO cost forward memory only. With `lora` (rank > 0) only the adapters
+    (and a scalar head) train: the base gets no grad buffer and no optimizer state."""
 
     def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, topo: Topology,
                  vocab_size: int, seed: int, optim: Optional[OptimConfig] = None,
-                 total_steps: int = 1) -> None:
+                 total_steps: int = 1, lora: Optional[LoRAConfig] = None) -> None:
         self.model_cfg, self.parallel_cfg, self.topo = model_cfg, parallel_cfg, topo
         self.vocab_size = vocab_size  # the tokenizer's; the model's rows are padded beyond it
-        module = build_model(model_cfg, parallel_cfg, topo, vocab_size, seed)
+        self.lora = lora if lora_active(lora) else None
+        if self.lora is not None and optim is None:
+            raise ValueError("lora.rank > 0 on a frozen engine: adapters are for training (give optim)")
+        # Where a LoRA engine's frozen base came from: set by the checkpoint loader and
+        # written into the run's checkpoints, which hold only what trains (trainer/checkpointing.py).
+        self.lora_base: Optional[dict[str, Any]] = None
+        module = build_model(model_cfg, parallel_cfg, topo, vocab_size, seed, lora=self.lora)
+        if self.lora is not None:
+            freeze_base(module, train_head=model_cfg.head == "scalar")
         # The bare GPTModel: checkpoints use its keys (the DDP wrapper adds "module.").
         self.module = module
         self.config = module.config
@@ -198,10 +208,12 @@ class Engine:
             result = box[0]
         return result
 
-    def parameter_count(self) -> int:
-        """Parameters of the whole model (all TP/PP shards), counted once."""
+    def parameter_count(self, trainable_only: bool = False) -> int:
+        """Parameters of the whole model (all TP/PP shards), counted once; collective.
+        `trainable_only`: those the optimizer updates (with LoRA: adapters, scalar head)."""
         local = sum(p.numel() for p in self.model[0].parameters()
-                    if param_is_not_shared(p) and tensor_parallel.param_is_not_tensor_parallel_duplicate(p))
+                    if param_is_not_shared(p) and tensor_parallel.param_is_not_tensor_parallel_duplicate(p)
+                    and (p.requires_grad or not trainable_only))
         total = torch.tensor([local], dtype=torch.float64)
         if dist.get_world_size() > 1:
             total = all_reduce_host(total, None) / self.topo.dp

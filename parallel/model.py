@@ -17,9 +17,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from parallel.config import ModelConfig, ParallelConfig
+from parallel.config import LoRAConfig, ModelConfig, ParallelConfig
 from parallel.groups import Topology
 from parallel.layers import CausalMaskElision, gpt_layer_spec
+from parallel.lora import ADAPTER_NAMES, add_adapters, lora_active
+from parallel.lora import init_full as init_adapter
 
 
 def padded_vocab_size(vocab_size: int, model: ModelConfig, parallel: ParallelConfig) -> int:
@@ -46,6 +48,16 @@ def ffn_size(model: ModelConfig) -> int:
     return 4 * model.hidden_size
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation: GPT-2's "gelu_new" (imported GPT-2 checkpoints need it to
+    reproduce their logits; it differs from the erf GELU by up to 5e-4 per activation)."""
+    return F.gelu(x, approximate="tanh")
+
+
+# model.activation -> megatron's activation_func (swiglu: SiLU on the gated half).
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "swiglu": F.silu}
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
     on_gpu = torch.cuda.is_available()
     bf16 = parallel.precision == "bf16"
@@ -70,7 +82,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         normalization=model.normalization,
         add_bias_linear=model.add_bias,
         gated_linear_unit=model.activation == "swiglu",
-        activation_func=F.silu if model.activation == "swiglu" else F.gelu,
+        activation_func=ACTIVATIONS[model.activation],
         init_method_std=model.init_std,
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
@@ -115,8 +127,9 @@ class ScalarHead(torch.nn.Module):
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, topo: Topology,
-                vocab_size: int, seed: int) -> GPTModel:
-    """This rank's stage of the GPT. `vocab_size` is the tokenizer's (padded here)."""
+                vocab_size: int, seed: int, lora: Optional[LoRAConfig] = None) -> GPTModel:
+    """This rank's stage of the GPT. `vocab_size` is the tokenizer's (padded here). With
+    `lora` (rank > 0) the targeted layers get adapters (parallel/lora.py), drawn like weights."""
     config = transformer_config(model, parallel)
     # Megatron's local layers, with fused SDPA core attention (see parallel/layers.py).
     spec = gpt_layer_spec(model.normalization)
@@ -134,6 +147,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, topo: Topology,
     )
     if scalar and topo.is_last_stage:
         gpt.output_layer = ScalarHead(model.hidden_size, config.params_dtype)
+    if lora_active(lora):
+        add_adapters(gpt, lora)
     gpt.register_forward_pre_hook(CausalMaskElision(), with_kwargs=True)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
@@ -170,6 +185,8 @@ def _init_full(key: str, shape: tuple[int, ...], model: ModelConfig, seed: int) 
         # GPT-2's scaled init of the residual projections.
         std = std / (2.0 * model.num_layers) ** 0.5
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+    if name in ADAPTER_NAMES:
+        return init_adapter(name, shape, gen)
     return torch.randn(shape, generator=gen) * std
 
 

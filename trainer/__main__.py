@@ -21,8 +21,11 @@ def main(argv: list[str]) -> int:
     ctx = runtime.start(cfg)
     try:
         stage = build_stage(ctx)
-        if hasattr(stage, "run"):
-            return int(stage.run())  # a job without training steps (best_of_n)
+        if hasattr(stage, "run"):  # a job without training steps (best_of_n, eval)
+            code = int(stage.run())
+            if code == 0:
+                runtime.mark_done(ctx, stage.name, 0)
+            return code
         return run(ctx, stage)
     except CheckpointError as exc:
         # A damaged or missing checkpoint is the user's to fix: one clear line, no traceback.

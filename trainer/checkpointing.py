@@ -5,7 +5,10 @@ Layout: <run.dir>/checkpoints/step_NNNNNN/ holds
     train_state.pt     step, stage state (data position), LR schedulers, layout
     rng/rank_NNNNN.pt  each rank's RNG states (python, numpy, torch, megatron tracker)
     config.yaml        the resolved config that wrote it
-    tokenizer.model    the run's tokenizer (a checkpoint is usable on its own)
+    lora.json          LoRA runs only: the checkpoint each engine's frozen base came from
+                       (shards/ then hold only what trains; trainer/lora_checkpoint.py)
+    tokenizer.model    the run's tokenizer (a checkpoint is usable on its own);
+                       tokenizer.json for a Hugging Face tokenizer
     manifest.json      size and CRC32 of every file above, written last
 and <run.dir>/checkpoints/latest names the newest complete one.
 
@@ -33,6 +36,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from trainer.data.tokenizer import TOKENIZER_FILES, canonical_name, find_tokenizer
 from trainer.runtime import RunContext
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -292,9 +296,14 @@ class Checkpointer:
             }
             _torch_save(train_state, tmp / "train_state.pt")
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.ctx.cfg, resolve=True))
+            from trainer.lora_checkpoint import LORA_FILE, lora_records_of
+
+            records = lora_records_of(engines)
+            if records:  # LoRA engines saved only what trains: where their bases are
+                (tmp / LORA_FILE).write_text(json.dumps(records, indent=1, sort_keys=True))
             tokenizer = getattr(self.ctx, "tokenizer_path", None)
             if tokenizer is not None and Path(tokenizer).is_file():
-                shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+                shutil.copyfile(tokenizer, tmp / canonical_name(tokenizer))
 
     def _commit(self, tmp: Path, step: int) -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -360,7 +369,7 @@ class Checkpointer:
     def load(self, resume: Resume, engines: dict[str, Any], stage: Any) -> int:
         """Restore engines (and, for a full-state resume, everything else); return the step
         to continue from."""
-        from parallel.checkpoint import load_engines
+        from trainer.lora_checkpoint import load_checkpoint
 
         sources: dict[str, str] = {}
         keep_init: tuple[str, ...] = ()
@@ -378,8 +387,8 @@ class Checkpointer:
                 # LM -> scalar head (a reward model or critic from SFT): the new head starts
                 # from its own (zero) init; everything below it is loaded.
                 keep_init = ("output_layer.",)
-        load_engines(engines, resume.directory / "shards", with_optimizer=resume.full_state,
-                     sources=sources, keep_init=keep_init)
+        load_checkpoint(engines, resume.directory, with_optimizer=resume.full_state,
+                        sources=sources, keep_init=keep_init)
         if not resume.full_state:
             return 0
         state = torch.load(resume.directory / "train_state.pt", weights_only=False)
@@ -401,7 +410,6 @@ class Checkpointer:
                   "restart from the seed", flush=True)
 
 
-TOKENIZER_FILE = "tokenizer.model"
 # Model fields that decide tensor shapes: a checkpoint loads only into the same values.
 SHAPE_KEYS: tuple[str, ...] = (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
@@ -429,11 +437,14 @@ def model_mismatch(source: dict[str, Any], model: Any) -> list[str]:
 
 
 def tokenizer_of(step_dir: Path) -> Path:
-    """The tokenizer a checkpoint was trained with: its own copy, else its run's."""
-    for candidate in (step_dir / TOKENIZER_FILE, step_dir.parents[1] / "tokenizer" / TOKENIZER_FILE):
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(f"{step_dir}: no {TOKENIZER_FILE} in it or in its run's tokenizer/ directory")
+    """The tokenizer a checkpoint was trained with: its own copy, else its run's
+    (tokenizer.model or, for a Hugging Face tokenizer, tokenizer.json)."""
+    for directory in (step_dir, step_dir.parents[1] / "tokenizer"):
+        found = find_tokenizer(directory)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{step_dir}: no {' or '.join(TOKENIZER_FILES)} in it or in its run's "
+                          "tokenizer/ directory")
 
 
 def retained(steps: list[int], newest: int, keep_last: int, keep_every: int) -> set[int]:
@@ -476,7 +487,7 @@ def load_weights(path: str | Path, engines: dict[str, Any], model: Any, sources:
     policies, a critic); collective. The checkpoint is verified first. `keep_init`: model
     key prefixes left at their initial values (a scalar head on an LM checkpoint). Returns
     its step directory."""
-    from parallel.checkpoint import load_engines
+    from trainer.lora_checkpoint import load_checkpoint
 
     directory = resolve_load_path(Path(path))
     problems = _gather_problems(directory)
@@ -485,5 +496,6 @@ def load_weights(path: str | Path, engines: dict[str, Any], model: Any, sources:
     mismatch = model_mismatch(source_model(directory), model)
     if mismatch:
         raise CheckpointError(f"{directory}: the checkpoint's model differs: {'; '.join(mismatch)}")
-    load_engines(engines, directory / "shards", with_optimizer=False, sources=sources, keep_init=keep_init)
+    load_checkpoint(engines, directory, with_optimizer=False, sources=sources, keep_init=keep_init)
     return directory
+

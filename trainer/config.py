@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from launcher.config import ClusterConfig
-from parallel.config import ModelConfig, OptimConfig, ParallelConfig
+from launcher.config import ClusterConfig, RecipeConfig
+from parallel.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig
 
 
 @dataclass
@@ -45,10 +45,14 @@ class EmbeddedDataConfig:
     # subtract, compare, reverse, uppercase, count_letter); empty: all of them.
     families: str = ""
     # What the preference pairs prefer: "correct" (chosen answers correctly, rejected gives a
-    # plausible wrong answer in the same style) or "brief" (both correct; chosen in the
+    # plausible wrong answer, styles drawn apart) or "brief" (both correct; chosen in the
     # brief style "The answer is X.", which only a quarter of the SFT replies use: a property
     # an RLHF policy can learn to show more often).
     prefer: str = "correct"
+    # What the evaluation prompts ask (best-of-N, PPO/A2C evaluation, stage=eval): "heldout"
+    # tasks no training set contains (generalisation), or "seen": tasks of the training space
+    # in prompts drawn apart from the training data (what was learned; the default recipe's).
+    eval_tasks: str = "heldout"
     seed: int = 0
 
 
@@ -195,6 +199,27 @@ class PPOConfig:
 
 
 @dataclass
+class EvalConfig:
+    """stage=eval: the recipe's evaluation of several policies on the held-out prompts
+    (data.embedded.num_prompts of them; one sampled response each, sampling.*, the same seed
+    for every model), judged by the embedded world's gold scorer. docs/recipe.md."""
+
+    # The run dirs to evaluate, comma-separated; each is named by its directory's name. A
+    # policy run (pretrain, SFT, DPO, PPO ...) is sampled; a best_of_n run is read (its
+    # winners on the same prompts).
+    models: str = ""
+    # The SFT run: KL is measured to it, and win rates are against its responses.
+    baseline: str = ""
+    # A reward model run: its accuracy on held-out pairs and its mean score per model.
+    reward: str = ""
+    # Where the report goes (report.md, its PNG plots beside it); empty: <run.dir>/report.md.
+    # Its plots read the metrics of every run named here (and of `runs`).
+    report: str = ""
+    # More run dirs whose training curves the report plots (e.g. the reward model's).
+    runs: str = ""
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
 
@@ -217,6 +242,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -225,5 +251,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     seed: int = 1234
     logger: str = "wandb"  # wandb | none

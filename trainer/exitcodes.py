@@ -4,3 +4,7 @@ EXIT_OK = 0
 # Stopped by SIGTERM/SIGUSR1 after saving a checkpoint: requeue the job and it resumes
 # (EX_TEMPFAIL from sysexits.h: "try again later").
 EXIT_REQUEUE = 75
+
+# Written into the run directory (atomically, by rank 0) when a run reaches its end:
+# train.steps done, or a job without steps finished. A recipe skips a step that has it.
+DONE_FILE = "done.json"

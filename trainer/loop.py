@@ -7,8 +7,9 @@ from typing import Any
 
 from trainer.checkpointing import Checkpointer
 from trainer.exitcodes import EXIT_OK, EXIT_REQUEUE
+from trainer.lora_checkpoint import require_lora_bases
 from trainer.metrics import MetricsLogger
-from trainer.runtime import RunContext, config_dict
+from trainer.runtime import RunContext, config_dict, mark_done
 from trainer.signals import StopRequests
 from trainer.stages.base import Stage
 
@@ -44,12 +45,21 @@ def _resume(ctx: RunContext, stage: Stage, checkpointer: Checkpointer) -> int:
     return start
 
 
+def _parameter_counts(stage: Stage) -> dict[str, int]:
+    """Parameters of the engines the stage trains, and those of them the optimizer updates
+    (all, or with LoRA the adapters and a scalar head); collective."""
+    trained = [engine for engine in stage.engines().values() if engine.trainable]
+    return {"trainable_params": sum(e.parameter_count(trainable_only=True) for e in trained),
+            "total_params": sum(e.parameter_count() for e in trained)}
+
+
 def run(ctx: RunContext, stage: Stage) -> int:
     """Train `stage` to train.steps, resuming from this run's latest checkpoint (or
     ckpt.load). Returns the process exit code: EXIT_REQUEUE after a stop signal."""
     checkpointer = Checkpointer(ctx)
     try:
         start = _resume(ctx, stage, checkpointer)
+        require_lora_bases(stage.engines())
         return _train(ctx, stage, checkpointer, start)
     finally:
         checkpointer.close(clean=False)  # no-op after a clean run (already closed)
@@ -65,12 +75,16 @@ def _train(ctx: RunContext, stage: Stage, checkpointer: Checkpointer, start: int
     stops.install()
     code, done = EXIT_OK, start
     started = time.perf_counter()
+    sizes = _parameter_counts(stage)  # reported once: in this line and the first record
+    share = sizes["trainable_params"] / max(sizes["total_params"], 1)
     logger.message(f"[chatforge] stage={stage.name} steps {start}->{total} "
-                   f"layout tp={ctx.topo.tp} pp={ctx.topo.pp} dp={ctx.topo.dp} run.dir={ctx.run_dir}")
+                   f"layout tp={ctx.topo.tp} pp={ctx.topo.pp} dp={ctx.topo.dp} run.dir={ctx.run_dir} "
+                   f"params {sizes['trainable_params']:,} trainable of {sizes['total_params']:,} ({share:.2%})")
     try:
         if start == 0 and int(cfg.train.eval_every) > 0:
             # The untrained baseline: every eval curve starts at step 0.
-            logger.log({"step": 0, **stage.evaluate()}, steps_done_this_run=0)
+            logger.log({"step": 0, **sizes, **stage.evaluate()}, steps_done_this_run=0)
+            sizes = {}
         for step in range(start, total):
             t0 = time.perf_counter()
             result = stage.train_step(step)
@@ -80,7 +94,8 @@ def _train(ctx: RunContext, stage: Stage, checkpointer: Checkpointer, start: int
             if _should_eval(done, total, int(cfg.train.eval_every)):
                 record.update(stage.evaluate())
             if done % max(int(cfg.train.log_every), 1) == 0 or done == total or "eval_loss" in record:
-                logger.log(record, steps_done_this_run=done - start)
+                logger.log({**record, **sizes}, steps_done_this_run=done - start)
+                sizes = {}
             checkpointer.poll()
             signalled, out_of_time = stops.agree()
             interval = int(cfg.train.exit_interval)
@@ -96,6 +111,8 @@ def _train(ctx: RunContext, stage: Stage, checkpointer: Checkpointer, start: int
         # Clean end, signal or time limit: the last step is always saved.
         checkpointer.save(done, stage.engines(), stage.state_dict())
         checkpointer.close()
+        if done >= total:
+            mark_done(ctx, stage.name, done)
         logger.message(f"[chatforge] done at step {done}: {ctx.run_dir / 'metrics.jsonl'}")
     finally:
         stops.uninstall()

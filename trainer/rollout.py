@@ -26,7 +26,7 @@ from parallel.engine import Engine, all_reduce_host
 from parallel.vocab import logprobs_and_entropy
 from trainer.batches import join_outputs, lm_inputs, split_rows
 from trainer.config import SamplingConfig
-from trainer.data.chat_prepare import response_row
+from trainer.data.chat_prepare import longest_row, response_rows
 from trainer.data.tokenizer import Tokenizer
 from trainer.generation import generate
 from trainer.losses import gae, kl_penalty_rewards, masked_moments, outputs_only, whiten
@@ -153,6 +153,39 @@ def forward_rows(engine: Engine, rows: Batch, micro_batch: int, step: Callable[[
     return join_outputs(outputs, n)
 
 
+def sample_responses(engine: Engine, tok: Tokenizer, prompts: list[list[int]], sampling: SamplingConfig,
+                     seed: int) -> tuple[list[list[int]], list[bool]]:
+    """(responses, finished) to `prompts`, sampling.batch prompts per generate call; the
+    seed of each call derives from `seed` and the call's index, so the same prompts and
+    seed give the same draws whatever model samples them."""
+    responses: list[list[int]] = []
+    finished: list[bool] = []
+    per_call = max(int(sampling.batch), 1)
+    for k in range(0, len(prompts), per_call):
+        call_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+        gen = generate(engine, prompts[k:k + per_call], sampling, stop_ids={tok.im_end_id, tok.eod_id},
+                       pad_id=tok.pad_id, seed=call_seed)
+        responses += gen.tokens
+        finished += gen.finished
+    return responses, finished
+
+
+def policy_logprobs(ctx: Any, engine: Engine, rows: Batch, vocab_size: int, micro_batch: int) -> Batch:
+    """{"logp", "entropy"} [n, S] of a policy over rows (response_row's tokens [n, S+1])."""
+    seq = rows["tokens"].shape[1] - 1
+    device, group = ctx.device, ctx.topo.tp_group
+
+    def step(batch: Batch, model: torch.nn.Module) -> Any:
+        logits, to_logp = policy_forward(batch, model, device, vocab_size, group)
+
+        def loss_fn(output: torch.Tensor) -> Any:
+            logp, entropy = to_logp(output)
+            return outputs_only(output, logp=logp, entropy=entropy)
+        return logits, loss_fn
+
+    return forward_rows(engine, rows, micro_batch, step, seq)
+
+
 # ---- making a rollout ------------------------------------------------------------------------
 
 class RolloutMaker:
@@ -170,33 +203,10 @@ class RolloutMaker:
         self.stops = {tok.im_end_id, tok.eod_id}
 
     def sample(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], list[bool]]:
-        """Responses to `prompts`, sampling.batch prompts per generate call; the seed of
-        each call derives from `seed` and the call's index."""
-        responses: list[list[int]] = []
-        finished: list[bool] = []
-        per_call = max(int(self.sampling.batch), 1)
-        for k in range(0, len(prompts), per_call):
-            call_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
-            gen = generate(self.actor, prompts[k:k + per_call], self.sampling, stop_ids=self.stops,
-                           pad_id=self.tok.pad_id, seed=call_seed)
-            responses += gen.tokens
-            finished += gen.finished
-        return responses, finished
+        return sample_responses(self.actor, self.tok, prompts, self.sampling, seed)
 
     def policy_logprobs(self, engine: Engine, rows: Batch) -> Batch:
-        seq = rows["tokens"].shape[1] - 1
-        device, group = self.ctx.device, self.ctx.topo.tp_group
-        vocab = self.tok.vocab_size
-
-        def step(batch: Batch, model: torch.nn.Module) -> Any:
-            logits, to_logp = policy_forward(batch, model, device, vocab, group)
-
-            def loss_fn(output: torch.Tensor) -> Any:
-                logp, entropy = to_logp(output)
-                return outputs_only(output, logp=logp, entropy=entropy)
-            return logits, loss_fn
-
-        return forward_rows(engine, rows, self.micro, step, seq)
+        return policy_logprobs(self.ctx, engine, rows, self.tok.vocab_size, self.micro)
 
     def values(self, rows: Batch) -> torch.Tensor:
         device = self.ctx.device
@@ -222,11 +232,8 @@ class RolloutMaker:
               missing_eos_penalty: float = 0.0) -> Rollout:
         """One forward of the actor, the reference, the critic and the reward model over
         the responses."""
-        longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
-        seq = self.seq if self.full_rows else min(longest, self.seq)
-        built = [response_row(p, r, seq, self.tok.pad_id) for p, r in zip(prompts, responses)]
-        rows = {"tokens": torch.from_numpy(np.stack([t for t, _ in built])),
-                "response_mask": torch.from_numpy(np.stack([m for _, m in built]))}
+        seq = self.seq if self.full_rows else longest_row(prompts, responses, self.seq)
+        rows = response_rows(prompts, responses, seq, self.tok.pad_id)
         actor = self.policy_logprobs(self.actor, rows)
         reference = self.policy_logprobs(self.reference, rows)
         values = self.values(rows)

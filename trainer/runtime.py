@@ -70,6 +70,21 @@ def start(cfg: Config) -> RunContext:
     return RunContext(cfg=cfg, run_dir=run_dir, env=env, topo=topo, device=dist.device())
 
 
+def mark_done(ctx: RunContext, stage: str, steps: int) -> None:
+    """Record that this run reached its end (exitcodes.DONE_FILE): what a recipe reads to
+    skip a finished step. Rank 0 only; written after the last checkpoint or result."""
+    if not ctx.is_main:
+        return
+    import json
+    import time
+
+    from trainer.data.indexed import atomic_write
+    from trainer.exitcodes import DONE_FILE
+
+    record = {"stage": stage, "steps": int(steps), "finished": time.time()}
+    atomic_write(ctx.run_dir / DONE_FILE, (json.dumps(record) + "\n").encode("utf-8"))
+
+
 def close(ctx: RunContext) -> None:
     from parallel import dist
     from parallel.groups import destroy_groups

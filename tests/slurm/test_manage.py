@@ -25,7 +25,7 @@ def test_jobs_logs_and_cancel(tmp_path: Path, slurm_env: dict[str, str]) -> None
     listing = chatforge(["jobs"], slurm_env, tmp_path)
     row = next(line for line in listing.stdout.splitlines() if line.startswith(job + " "))
     assert "RUNNING" in row and "n[1-2]" in row and str(run_dir) in row, listing.stdout
-    step, loss = row.split()[3], row.split()[4]
+    step, loss = row.split()[4], row.split()[5]  # JOBID STATE AFTER NODES STEP LOSS ...
     assert int(step) >= 3 and float(loss) > 0
     logs = chatforge(["logs", str(run_dir)], slurm_env, tmp_path)
     assert logs.returncode == 0 and "step 3/2000" in logs.stdout

@@ -305,6 +305,18 @@ def test_eval_prompts_are_held_out() -> None:
     assert {gold_reward(p, "nothing") for p in evals} == {0.0}
 
 
+def test_eval_tasks_seen_draws_training_tasks_apart_from_the_training_sets() -> None:
+    seen_tasks = eval_prompts(200, seed=0, tasks="seen")
+    assert not any(_heldout(p) for p in seen_tasks)
+    assert all(_heldout(p) for p in eval_prompts(50, seed=0))
+    assert seen_tasks != eval_prompts(200, seed=1, tasks="seen")
+    tests = preference_pairs(50, seed=0, test="seen")
+    assert tests != preference_pairs(50, seed=0) and not any(_heldout(p.prompt) for p in tests)
+    assert all(_heldout(p.prompt) for p in preference_pairs(50, seed=0, test="heldout"))
+    with pytest.raises(ValueError, match="data.embedded.eval_tasks='new'"):
+        eval_prompts(1, seed=0, tasks="new")
+
+
 # ---- data.embedded.prefer and the RLHF prompts -----------------------------------------------
 
 def _heldout(prompt: list[Message]) -> bool:
@@ -318,7 +330,7 @@ def test_default_preference_is_correctness_and_unchanged() -> None:
     assert preference_pairs(50, seed=3) == preference_pairs(50, seed=3, prefer="correct")
     first = preference_pairs(1, seed=0)[0]  # pinned: prefer= must not move the seeded draws
     assert (first.prompt[-1].content, first.chosen, first.rejected) == (
-        "Subtract 9 from 13.", "13 minus 9 is 4.", "13 minus 9 is 5.")
+        "Subtract 9 from 13.", "13 minus 9 is 4.", "The answer is 5.")
     with pytest.raises(ValueError, match="data.embedded.prefer"):
         preference_pairs(3, seed=0, prefer="short")
 

@@ -84,7 +84,9 @@ def test_scorer_right_wrong_and_phrasings() -> None:
         wrong = wrong_answer(ex, rng)
         assert wrong != ex.answer
         assert not is_correct(ex.prompt, wrong), (ex, wrong)
-        assert not is_correct(ex.prompt, f"It is {ex.answer}. No wait, it is {wrong}.")
+        assert not is_correct(ex.prompt, fam.explain(ex.fields, wrong)), (ex, wrong)
+        if extract_answer(ex.prompt, wrong) is not None:  # a candidate answer, the last one: wrong
+            assert not is_correct(ex.prompt, f"It is {ex.answer}. No wait, it is {wrong}.")
 
 
 def test_scorer_reads_the_last_candidate() -> None:

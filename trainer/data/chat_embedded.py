@@ -10,7 +10,8 @@ eval_prompts, so `gold_reward` on eval prompts measures answers to tasks the pos
 stages did not see, whatever seeds they used. Pretraining documents do not apply this split.
 
 Responses are short (tiny models, 128-256 tokens of context) and phrased in a few styles;
-a rejected reply uses the same style as its chosen one, so only correctness differs.
+with prefer="correct" the two replies of a pair draw their styles apart, so only correctness
+predicts the label.
 """
 from __future__ import annotations
 
@@ -80,15 +81,17 @@ def sft_conversations(n: int, seed: int, families: Sequence[str] = ()) -> list[l
 
 
 def preference_pairs(n: int, seed: int, flip: float = 0.0, families: Sequence[str] = (),
-                     prefer: str = "correct") -> list[PreferencePair]:
+                     prefer: str = "correct", test: str = "") -> list[PreferencePair]:
     """`n` pairs: prompt [system?, user] and two replies.
 
-    prefer="correct": chosen answers correctly, rejected gives a plausible wrong answer in
-    the same style (only correctness differs). prefer="brief": both answer correctly, chosen
+    prefer="correct": chosen answers correctly, rejected gives a plausible wrong answer; each
+    in a style drawn on its own (so style is independent of the label). prefer="brief": both answer correctly, chosen
     in BRIEF_STYLE, rejected in one of the other styles (only the style differs).
     With probability `flip` (simulated rater noise) chosen and rejected are swapped. The swap
     draw happens for every item, so the same (n, seed) gives the same pairs for any flip,
-    only some of them swapped.
+    only some of them swapped. test="heldout" or "seen": a test set for a reward model, from
+    another random stream than the training pairs, on the held-out tasks or on the training
+    tasks (see eval_prompts).
     """
     if not 0.0 <= flip <= 1.0:
         raise ValueError(f"flip={flip} must be in [0, 1]")
@@ -96,13 +99,15 @@ def preference_pairs(n: int, seed: int, flip: float = 0.0, families: Sequence[st
         raise ValueError(f"data.embedded.prefer={prefer!r}: must be one of {PREFERENCES}")
     out = []
     for i in range(n):
-        rng = _rng("pref", seed, i)
+        rng = _rng(f"pref-{test}" if test else "pref", seed, i)
         prompt = _opening(rng)
-        ex = _task(rng, heldout=False, families=families)
+        ex = _task(rng, heldout=test == "heldout", families=families)
         prompt.append(Message("user", ex.prompt))
-        style = rng.choice(ANSWER_STYLES)
-        good = _reply(ex, ex.answer, style)
-        bad = _reply(ex, wrong_answer(ex, rng), style)
+        # The two styles are drawn apart: style says nothing about the label, so a reward model
+        # must score the answer, not the phrasing (with one style per pair, each style's reward
+        # level is free and best-of-N would pick by style).
+        good = _reply(ex, ex.answer, rng.choice(ANSWER_STYLES))
+        bad = _reply(ex, wrong_answer(ex, rng), rng.choice(ANSWER_STYLES))
         if prefer == "brief":
             good = _reply(ex, ex.answer, BRIEF_STYLE)
             bad = _reply(ex, ex.answer, rng.choice(ANSWER_STYLES[:-1]))
@@ -132,9 +137,18 @@ def is_brief(response_text: str) -> bool:
     return response_text.strip().startswith(BRIEF_STYLE.split("{")[0].strip())
 
 
-def eval_prompts(n: int, seed: int, families: Sequence[str] = ()) -> list[list[Message]]:
-    """`n` prompts [system?, user] on held-out tasks (see the module doc)."""
-    return _prompts("eval", n, seed, True, families)
+EVAL_TASKS: tuple[str, ...] = ("heldout", "seen")
+
+
+def eval_prompts(n: int, seed: int, families: Sequence[str] = (), tasks: str = "heldout") -> list[list[Message]]:
+    """`n` prompts [system?, user] for evaluation, drawn apart from every training set.
+    tasks="heldout": on the held-out tasks (see the module doc), which measures generalisation
+    to tasks no stage trained on; "seen": on the training tasks (the task space is small, so
+    some prompts may repeat training prompts word for word), which measures how well a stage
+    learned what it was taught."""
+    if tasks not in EVAL_TASKS:
+        raise ValueError(f"data.embedded.eval_tasks={tasks!r}: must be one of {EVAL_TASKS}")
+    return _prompts("eval" if tasks == "heldout" else "eval-seen", n, seed, tasks == "heldout", families)
 
 
 def gold_reward(prompt_messages: Sequence[Message], response_text: str, prefer: str = "correct") -> float:

@@ -3,7 +3,8 @@
 Where the tokenizer comes from, in order: the run's own `tokenizer/tokenizer.model` (a
 resume); `tokenizer.path`; the checkpoint named by `ckpt.load` (the model was trained with
 it, so it must be the same); otherwise one is trained on the stage's text. It is always
-copied to `<run.dir>/tokenizer/tokenizer.model`, so the next stage and every checkpoint find it.
+copied to `<run.dir>/tokenizer/tokenizer.model`, so the next stage and every checkpoint find it
+(`tokenizer.json` instead for a Hugging Face tokenizer: trainer/data/tokenizer.py).
 
 What each stage reads from `data.format`:
     conversations (SFT)   embedded | chatml | alpaca | hh_rlhf / preference (prompt + chosen)
@@ -31,7 +32,7 @@ from trainer.data.gpt_dataset import split_documents
 from trainer.data.indexed import atomic_write
 from trainer.data.packing import ChatSample, build_packed, build_padded, fit_samples, pack
 from trainer.data.readers import PreferencePair, read_conversations, read_pairs
-from trainer.data.tokenizer import Tokenizer
+from trainer.data.tokenizer import Tokenizer, canonical_name, find_tokenizer
 from trainer.stages import STAGE_DATA
 
 Arrays = dict[str, np.ndarray]
@@ -71,6 +72,14 @@ def pairs(cfg: Any) -> list[PreferencePair]:
     raise ValueError(f"data.format={fmt!r}: preference stages read one of {PAIR_FORMATS}")
 
 
+def heldout_pairs(cfg: Any, n: int) -> list[PreferencePair]:
+    """`n` embedded pairs for testing a reward model: drawn apart from the training pairs, on
+    the tasks data.embedded.eval_tasks names, with clean labels (no data.embedded.flip)."""
+    emb = cfg.data.embedded
+    return chat_embedded.preference_pairs(n, int(emb.seed), 0.0, _families(emb), str(emb.prefer),
+                                          test=str(emb.eval_tasks))
+
+
 def prompts(cfg: Any, split: str = "eval") -> list[list[Message]]:
     """Prompts ending with a user turn (generation continues as the assistant). The
     embedded world gives held-out tasks for split="eval" and training tasks (data.embedded
@@ -79,7 +88,7 @@ def prompts(cfg: Any, split: str = "eval") -> list[list[Message]]:
     if fmt == "embedded":
         if split == "train":
             return chat_embedded.train_prompts(int(emb.num_chats), int(emb.seed), _families(emb))
-        return chat_embedded.eval_prompts(int(emb.num_prompts), int(emb.seed), _families(emb))
+        return chat_embedded.eval_prompts(int(emb.num_prompts), int(emb.seed), _families(emb), str(emb.eval_tasks))
     if fmt in PAIR_FORMATS:
         return [p.prompt for p in read_pairs(fmt, str(cfg.data.path))]
     found = []
@@ -102,21 +111,21 @@ def gold_of(cfg: Any) -> Optional[Callable[[list[Message], str], float]]:
 
 def resolve_tokenizer(cfg: Any, run_dir: Path, texts: Callable[[], list[str]]) -> Path:
     """Rank 0 only: the run's tokenizer (see the module docstring), copied into the run."""
+    found = find_tokenizer(run_dir / "tokenizer")
+    if found is not None:
+        return found
     own = run_dir / "tokenizer" / "tokenizer.model"
-    if own.is_file():
-        return own
     own.parent.mkdir(parents=True, exist_ok=True)
     if cfg.tokenizer.path:
         source = Path(str(cfg.tokenizer.path))
         if not source.is_file():
             raise FileNotFoundError(f"tokenizer.path: file not found: {source}")
-        shutil.copyfile(source, own)
-        return own
+        return Path(shutil.copyfile(source, own.with_name(canonical_name(source))))
     if cfg.ckpt.load:
         from trainer.checkpointing import resolve_load_path, tokenizer_of
 
-        shutil.copyfile(tokenizer_of(resolve_load_path(Path(str(cfg.ckpt.load)))), own)
-        return own
+        source = tokenizer_of(resolve_load_path(Path(str(cfg.ckpt.load))))
+        return Path(shutil.copyfile(source, own.with_name(canonical_name(source))))
     from tools.tokenizer import train_tokenizer
 
     corpus = run_dir / "data" / "tokenizer_corpus.txt"
@@ -159,6 +168,20 @@ def response_row(prompt: list[int], response: list[int], seq: int, pad_id: int) 
     tokens[:len(prompt) + len(response)] = prompt + response
     mask[len(prompt):len(prompt) + len(response)] = 1.0
     return tokens, mask
+
+
+def longest_row(prompts: list[list[int]], responses: list[list[int]], cap: int) -> int:
+    """The longest prompt + response, at most `cap`: rows need no more (no compute on padding)."""
+    return min(max(len(p) + len(r) for p, r in zip(prompts, responses)), cap)
+
+
+def response_rows(prompts: list[list[int]], responses: list[list[int]], seq: int, pad_id: int) -> dict[str, Any]:
+    """prompt + response rows of `seq` tokens (+1) as torch tensors (see response_row)."""
+    import torch  # the rows feed model forwards; this module stays usable without torch
+
+    built = [response_row(p, r, seq, pad_id) for p, r in zip(prompts, responses)]
+    return {"tokens": torch.from_numpy(np.stack([t for t, _ in built])),
+            "response_mask": torch.from_numpy(np.stack([m for _, m in built]))}
 
 
 def pair_arrays(cfg: Any, tok: Tokenizer, items: list[PreferencePair]) -> tuple[Arrays, dict[str, int]]:
@@ -234,7 +257,7 @@ def prepare_chat_data(ctx: Any, kind: str, items: Optional[list[Any]] = None) ->
         atomic_write(marker, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
         print(f"[chatforge] {kind} data ({cfg.data.format}): {json.dumps(record)}", flush=True)
     ctx.barrier()
-    tok_path = run_dir / "tokenizer" / "tokenizer.model"
+    tok_path = _run_tokenizer(run_dir)
     ctx.tokenizer_path = tok_path
     return tok_path, _load(data_dir / f"{kind}_train.npz"), _load(data_dir / f"{kind}_eval.npz")
 
@@ -243,15 +266,23 @@ def _fix_tokenizer(ctx: Any, found: list[list[Message]]) -> Path:
     if ctx.is_main:
         resolve_tokenizer(ctx.cfg, ctx.run_dir, lambda: _conversation_texts(found))
     ctx.barrier()
-    tok_path = ctx.run_dir / "tokenizer" / "tokenizer.model"
+    tok_path = _run_tokenizer(ctx.run_dir)
     ctx.tokenizer_path = tok_path
     return tok_path
 
 
-def prepare_prompts(ctx: Any, limit: int = 0) -> tuple[Path, list[list[Message]]]:
-    """(tokenizer path, prompts): cheap, so every rank reads them; rank 0 fixes the
-    tokenizer first."""
-    found = prompts(ctx.cfg)
+def _run_tokenizer(run_dir: Path) -> Path:
+    """The tokenizer file rank 0 put into <run_dir>/tokenizer/ (resolve_tokenizer)."""
+    found = find_tokenizer(run_dir / "tokenizer")
+    if found is None:
+        raise FileNotFoundError(f"{run_dir / 'tokenizer'}: no tokenizer file (rank 0 writes it first)")
+    return found
+
+
+def prepare_prompts(ctx: Any, limit: int = 0, split: str = "eval") -> tuple[Path, list[list[Message]]]:
+    """(tokenizer path, prompts of `split`): cheap, so every rank reads them; rank 0 fixes
+    the tokenizer first."""
+    found = prompts(ctx.cfg, split)
     if limit > 0:
         found = found[:limit]
     return _fix_tokenizer(ctx, found), found

@@ -128,10 +128,25 @@ def _spellings(f: Fields, response: str) -> list[str]:
 # ---- the families --------------------------------------------------------------------------
 
 def _near_miss(value: int, rng: random.Random) -> str:
-    """An off-by-a-little answer: the mistake a tiny model actually makes."""
+    """An off-by-a-little answer, or (one time in four) an unrelated number: the mistakes a
+    tiny model actually makes."""
+    if rng.random() < 0.25:
+        return str(rng.choice([v for v in range(2 * MAX_OPERAND + 1) if v != value]))
     delta = rng.choice([-2, -1, 1, 2, 10])
     wrong = value + delta if value + delta >= 0 else value + abs(delta)
     return str(wrong)
+
+
+def _misspelled(word: str, rng: random.Random) -> str:
+    """`word` with one letter replaced, doubled or dropped (never `word` itself)."""
+    i = rng.randrange(len(word))
+    edits = [word[:i] + c + word[i + 1:] for c in "aeioulnrst" if c != word[i]]
+    edits += [word[:i] + word[i] + word[i:], word[:i] + word[i + 1:]] if len(word) > 2 else []
+    return rng.choice([e for e in edits if e != word])
+
+
+def _other_word(word: str, rng: random.Random) -> str:
+    return rng.choice([w for w in WORDS if w != word])
 
 
 def _sample_pair(rng: random.Random) -> dict[str, int | str]:
@@ -160,7 +175,14 @@ def _sample_letter(rng: random.Random) -> dict[str, int | str]:
 
 
 def _wrong_reverse(f: Fields, rng: random.Random) -> str:
+    """Two letters swapped or the unreversed word (the answer's kind: an anagram), or a
+    misspelled reversal or another word reversed (what tiny models write)."""
     w = str(f["w"])
+    kind = rng.random()
+    if kind < 0.25:
+        return _misspelled(w[::-1], rng)
+    if kind < 0.5:
+        return _other_word(w, rng)[::-1]
     letters = list(w[::-1])
     i = rng.randrange(len(letters) - 1)
     letters[i], letters[i + 1] = letters[i + 1], letters[i]
@@ -170,8 +192,10 @@ def _wrong_reverse(f: Fields, rng: random.Random) -> str:
 
 
 def _wrong_upper(f: Fields, rng: random.Random) -> str:
+    """The word not (fully) in capitals, or another or a misspelled word in capitals."""
     w = str(f["w"])
-    return rng.choice([w, w.capitalize(), w[:-1].upper() + w[-1]])
+    return rng.choice([w, w.capitalize(), w[:-1].upper() + w[-1], _other_word(w, rng).upper(),
+                       _misspelled(w, rng).upper()])
 
 
 def _times(count: str) -> str:
@@ -207,7 +231,8 @@ FAMILIES: tuple[TaskFamily, ...] = (
         sample=_sample_distinct,
         solve=lambda f: str(max(int(f["a"]), int(f["b"]))),
         explain=lambda f, ans: f"Of {f['a']} and {f['b']}, the larger number is {ans}.",
-        wrong=lambda f, rng: str(min(int(f["a"]), int(f["b"]))),
+        wrong=lambda f, rng: (str(min(int(f["a"]), int(f["b"]))) if rng.random() < 0.75 else
+                              str(rng.choice([v for v in range(MAX_COMPARE + 1) if v not in (f["a"], f["b"])]))),
         candidates=_numbers,
     ),
     TaskFamily(

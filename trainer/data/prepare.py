@@ -104,6 +104,28 @@ def _source_files(cfg: Any, data_dir: Path) -> list[Path]:
     return [corpus]
 
 
+def _train_tokenizer(cfg: Any, tok_path: Path, files: list[Path]) -> None:
+    train_tokenizer(
+        tok_path.with_suffix(""), int(cfg.tokenizer.vocab_size), files=files,
+        model_type=str(cfg.tokenizer.model_type),
+        character_coverage=float(cfg.tokenizer.character_coverage),
+        max_sentences=int(cfg.tokenizer.max_sentences), seed=_TOKENIZER_SEED,
+    )
+
+
+def prepare_tokenizer(cfg: Any, run_dir: str | Path) -> Path:
+    """Only the tokenizer that prepare_pretrain_data would train for this config, into
+    <run_dir>/tokenizer/ (stage=tokenizer: a recipe's first step); reused if present."""
+    tok_path, prefix, _ = _paths(cfg, Path(run_dir))
+    if tok_path.is_file():
+        return tok_path
+    if str(cfg.data.format) not in FORMATS:
+        raise ValueError(f"data.format={cfg.data.format!r}: the tokenizer is trained on one of {FORMATS}")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    _train_tokenizer(cfg, tok_path, _source_files(cfg, prefix.parent))
+    return tok_path
+
+
 def prepare_pretrain_data(cfg: Any, run_dir: str | Path) -> PreparedData:
     """Generate or read the text, train the tokenizer, tokenize, split; reuse a finished run."""
     run_dir = Path(run_dir)
@@ -117,12 +139,7 @@ def prepare_pretrain_data(cfg: Any, run_dir: str | Path) -> PreparedData:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     files = _source_files(cfg, prefix.parent)
     if not cfg.tokenizer.path:
-        train_tokenizer(
-            tok_path.with_suffix(""), int(cfg.tokenizer.vocab_size), files=files,
-            model_type=str(cfg.tokenizer.model_type),
-            character_coverage=float(cfg.tokenizer.character_coverage),
-            max_sentences=int(cfg.tokenizer.max_sentences), seed=_TOKENIZER_SEED,
-        )
+        _train_tokenizer(cfg, tok_path, files)
     stats = preprocess_text(files, tok_path, prefix)
     train, evals = split_documents(stats.num_docs, float(cfg.data.eval_fraction), int(cfg.data.split_seed))
     buf = io.BytesIO()

@@ -8,6 +8,7 @@ import importlib
 from typing import Any
 
 STAGES: dict[str, str] = {
+    "tokenizer": "trainer.stages.tokenizer:TokenizerJob",
     "pretrain": "trainer.stages.pretrain:PretrainStage",
     "sft": "trainer.stages.sft:SFTStage",
     "rm": "trainer.stages.reward:RewardModelStage",
@@ -16,12 +17,14 @@ STAGES: dict[str, str] = {
     "rejection_sampling": "trainer.stages.best_of_n:RejectionSamplingStage",
     "ppo": "trainer.stages.ppo:PPOStage",
     "a2c": "trainer.stages.ppo:A2CStage",
+    "eval": "trainer.stages.evaluate:EvalJob",
 }
 
 # The data formats each stage reads (data.format); the launcher checks them before a run.
 _CHATS = ("embedded", "chatml", "alpaca", "hh_rlhf", "preference")
 _PAIRS = ("embedded", "hh_rlhf", "preference")
 STAGE_DATA: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("embedded", "text"),
     "pretrain": ("embedded", "text"),
     "sft": _CHATS,
     "rm": _PAIRS,
@@ -30,6 +33,7 @@ STAGE_DATA: dict[str, tuple[str, ...]] = {
     "rejection_sampling": _CHATS,
     "ppo": _CHATS,
     "a2c": _CHATS,
+    "eval": _CHATS,
 }
 # The model head each stage trains or runs.
 STAGE_HEAD: dict[str, str] = {"rm": "scalar"}
@@ -38,9 +42,12 @@ STAGE_HEAD: dict[str, str] = {"rm": "scalar"}
 # and reward model, assumed the same size), more models trained beside it (the PPO/A2C
 # critic, with its optimizer) and whether the stage trains at all.
 ROWS_PER_SAMPLE: dict[str, int] = {"rm": 2, "dpo": 2}
-FROZEN_MODELS: dict[str, int] = {"dpo": 1, "best_of_n": 2, "rejection_sampling": 2, "ppo": 2, "a2c": 2}
+FROZEN_MODELS: dict[str, int] = {"eval": 2, "dpo": 1, "best_of_n": 2, "rejection_sampling": 2, "ppo": 2, "a2c": 2}
 EXTRA_TRAINED_MODELS: dict[str, int] = {"ppo": 1, "a2c": 1}
-NO_TRAINING: tuple[str, ...] = ("best_of_n",)
+# With LoRA (lora.rank > 0) these stages' frozen reference is the policy's own base with its
+# adapters switched off: one frozen model fewer (parallel.lora.WithoutAdapters).
+LORA_SHARED_REFERENCE: tuple[str, ...] = ("dpo", "ppo", "a2c")
+NO_TRAINING: tuple[str, ...] = ("tokenizer", "best_of_n", "eval")
 # Stages that sample from a policy and score with a reward model: both checkpoints needed.
 SAMPLING_STAGES: tuple[str, ...] = ("best_of_n", "rejection_sampling")
 # RLHF stages: a policy (ckpt.load) optimised against a reward model (ppo.reward).

@@ -78,11 +78,13 @@ def _summary(records: list[dict[str, Any]], n: int) -> dict[str, Any]:
     return summary
 
 
-def run_best_of_n(ctx: RunContext) -> dict[str, Any]:
-    """Sample, score, write the results (rank 0); collective. Reuses finished results."""
+def run_best_of_n(ctx: RunContext, split: str = "eval") -> dict[str, Any]:
+    """Sample, score, write the results (rank 0); collective. Reuses finished results.
+    split: the embedded world's held-out prompts ("eval": best-of-N as a way to answer them)
+    or its training tasks ("train": rejection sampling trains on the winners)."""
     cfg, run_dir = ctx.cfg, ctx.run_dir
     summary_path = run_dir / SUMMARY
-    tok_path, prompts = prepare_prompts(ctx, int(cfg.best_of_n.num_prompts))
+    tok_path, prompts = prepare_prompts(ctx, int(cfg.best_of_n.num_prompts), split)
     if summary_path.is_file():
         return json.loads(summary_path.read_text())
     tok = Tokenizer(tok_path)
@@ -139,5 +141,5 @@ class RejectionSamplingStage(SFTStage):
     name = "rejection_sampling"
 
     def __init__(self, ctx: RunContext) -> None:
-        run_best_of_n(ctx)
+        run_best_of_n(ctx, split="train")  # never the held-out prompts it is evaluated on
         super().__init__(ctx, conversations=winners(ctx.run_dir))

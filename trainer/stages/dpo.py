@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.engine import Engine
+from parallel.lora import WithoutAdapters
 from trainer.batches import causal_mask, pair_collate
 from trainer.checkpointing import load_weights
 from trainer.data.chat_prepare import prepare_chat_data
@@ -70,12 +71,15 @@ class DPOStage(SupervisedStage):
                                    topo.dp_rank, topo.dp, collate=pair_collate)
         vocab = Tokenizer(tok_path).vocab_size
         self.engine = Engine(cfg.model, cfg.parallel, topo, vocab_size=vocab, seed=int(cfg.seed),
-                             optim=cfg.optim, total_steps=int(cfg.train.steps))
-        # Same seed: without ckpt.load the reference is the policy's initial weights.
-        self.reference = Engine(cfg.model, cfg.parallel, topo, vocab_size=vocab, seed=int(cfg.seed))
-        if cfg.ckpt.load:
-            load_weights(str(cfg.ckpt.load), {"reference": self.reference}, cfg.model,
-                         sources={"reference": "model"})
+                             optim=cfg.optim, total_steps=int(cfg.train.steps), lora=cfg.lora)
+        # With LoRA the policy's frozen base is the reference: no second copy of the model.
+        self.reference: Any = WithoutAdapters(self.engine)
+        if self.engine.lora is None:
+            # Same seed: without ckpt.load the reference is the policy's initial weights.
+            self.reference = Engine(cfg.model, cfg.parallel, topo, vocab_size=vocab, seed=int(cfg.seed))
+            if cfg.ckpt.load:
+                load_weights(str(cfg.ckpt.load), {"reference": self.reference}, cfg.model,
+                             sources={"reference": "model"})
         self._cache: dict[str, Optional[np.ndarray]] = {"train": None, "eval": None}
 
     @property

@@ -29,6 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from parallel.engine import Engine, StepResult
+from parallel.lora import WithoutAdapters
 from trainer.batches import packed_inputs, split_rows
 from trainer.checkpointing import load_weights
 from trainer.data.chat import Message, prompt_ids
@@ -130,9 +131,11 @@ class PPOStage(Stage):
         total = int(cfg.train.steps) * self.updates_per_iteration
         seed = int(cfg.seed)
         self.actor = Engine(cfg.model, cfg.parallel, topo, vocab_size=tok.vocab_size, seed=seed,
-                            optim=cfg.optim, total_steps=total)
-        self.reference = Engine(cfg.model, cfg.parallel, topo, vocab_size=tok.vocab_size, seed=seed)
-        load_weights(str(cfg.ckpt.load), {"reference": self.reference}, cfg.model, sources={"reference": "model"})
+                            optim=cfg.optim, total_steps=total, lora=cfg.lora)
+        self.reference: Any = WithoutAdapters(self.actor)  # LoRA: the actor's frozen base
+        if self.actor.lora is None:
+            self.reference = Engine(cfg.model, cfg.parallel, topo, vocab_size=tok.vocab_size, seed=seed)
+            load_weights(str(cfg.ckpt.load), {"reference": self.reference}, cfg.model, sources={"reference": "model"})
         self.scorer = Scorer(ctx, str(ppo.reward), tok, key="ppo.reward", micro_batch=int(cfg.train.micro_batch))
         self.critic = self._build_critic(total)
         self.rollouts = RolloutMaker(ctx, tok, self.actor, self.reference, self.critic, self.scorer, self.sampling,
@@ -165,10 +168,11 @@ class PPOStage(Stage):
         optim = OmegaConf.merge(cfg.optim, {"lr": float(cfg.ppo.critic_lr) or float(cfg.optim.lr)})
         from_reward = str(cfg.ppo.critic_init) == "reward"
         model = self.scorer.model if from_reward else OmegaConf.merge(cfg.model, {"head": "scalar"})
+        # With LoRA the critic trains adapters and its scalar head too (docs/lora.md).
         critic = Engine(model, cfg.parallel, self.ctx.topo, vocab_size=self.tok.vocab_size, seed=int(cfg.seed),
-                        optim=optim, total_steps=total_steps)
+                        optim=optim, total_steps=total_steps, lora=cfg.lora)
         if (self.ctx.run_dir / "checkpoints" / "latest").is_file():
-            return critic  # resuming: the run's own checkpoint holds the trained critic
+            return critic  # resuming: the run's own checkpoint holds (or names the base of) the critic
         if from_reward:
             load_weights(str(cfg.ppo.reward), {"critic": critic}, model, sources={"critic": "model"})
         else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -12,7 +11,7 @@ from parallel.config import ModelConfig
 from parallel.engine import Engine
 from trainer.batches import causal_mask, join_outputs, pair_collate, split_rows
 from trainer.checkpointing import CheckpointError, load_weights, resolve_load_path, source_model, tokenizer_of
-from trainer.data.chat_prepare import prepare_chat_data, response_row
+from trainer.data.chat_prepare import longest_row, prepare_chat_data, response_rows
 from trainer.data.gpt_dataset import ArrayDataset, SampleLoader
 from trainer.data.tokenizer import Tokenizer
 from trainer.losses import outputs_only, pairwise_reward_loss, read_reward
@@ -66,7 +65,8 @@ class RewardModelStage(SupervisedStage):
         self.loader = SampleLoader(self.train_set, cfg.train.global_batch, cfg.train.micro_batch,
                                    topo.dp_rank, topo.dp, collate=pair_collate)
         self.engine = Engine(cfg.model, cfg.parallel, topo, vocab_size=Tokenizer(tok_path).vocab_size,
-                             seed=int(cfg.seed), optim=cfg.optim, total_steps=int(cfg.train.steps))
+                             seed=int(cfg.seed), optim=cfg.optim, total_steps=int(cfg.train.steps),
+                             lora=cfg.lora)
 
     @property
     def tokens_per_step(self) -> int:
@@ -112,15 +112,13 @@ class Scorer:
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
         # Rows only as long as the longest (no compute on padding nobody needs), at most the
         # reward model's context (longer ones are truncated: chat.truncate).
-        seq = min(max(len(p) + len(r) for p, r in zip(prompts, responses)), int(self.model.seq_length))
-        rows = [response_row(p, r, seq, self.tok.pad_id) for p, r in zip(prompts, responses)]
-        batch = {"tokens": torch.from_numpy(np.stack([t for t, _ in rows])),
-                 "response_mask": torch.from_numpy(np.stack([m for _, m in rows]))}
+        seq = longest_row(prompts, responses, int(self.model.seq_length))
+        batch = response_rows(prompts, responses, seq, self.tok.pad_id)
 
         def step(b: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
             values = reward_values(b, model, self.ctx.device)
             return values, lambda output: outputs_only(output, reward=rewards_of(output, b, self.reduce))
 
-        chunks = split_rows(batch, self.micro_batch or len(rows))
+        chunks = split_rows(batch, self.micro_batch or len(prompts))
         outputs = self.engine.forward_outputs(chunks, step, seq_length=seq)
-        return [float(v) for v in join_outputs(outputs, len(rows))["reward"]]
+        return [float(v) for v in join_outputs(outputs, len(prompts))["reward"]]

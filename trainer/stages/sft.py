@@ -41,7 +41,8 @@ class SFTStage(SupervisedStage):
         self.loader = SampleLoader(self.train_set, cfg.train.global_batch, cfg.train.micro_batch,
                                    topo.dp_rank, topo.dp)
         self.engine = Engine(cfg.model, cfg.parallel, topo, vocab_size=Tokenizer(tok_path).vocab_size,
-                             seed=int(cfg.seed), optim=cfg.optim, total_steps=int(cfg.train.steps))
+                             seed=int(cfg.seed), optim=cfg.optim, total_steps=int(cfg.train.steps),
+                             lora=cfg.lora)
 
     @property
     def tokens_per_step(self) -> int:
