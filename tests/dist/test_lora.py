@@ -145,7 +145,8 @@ def test_dpo_with_adapters_on_a_lora_sft_run(work: dict[str, Any]) -> None:
     # The reference is the policy's base (the SFT run, merged), adapters off: equal at step 0.
     assert first["eval_margin"] == pytest.approx(0.0, abs=1e-6)
     assert first["trainable_params"] == 8192 and first["total_params"] > 100_000
-    assert last["eval_margin"] != 0.0 and last["loss"] < 0.6932
+    # The adapters learn: the held-out DPO loss (the same pairs at both evaluations) falls.
+    assert last["eval_margin"] != 0.0 and last["eval_loss"] < first["eval_loss"]
     from trainer.lora_checkpoint import lora_records
 
     base = lora_records(work["root"] / "dpo" / "checkpoints" / "step_000002")["model"]["base"]
