@@ -103,7 +103,7 @@ def run(args: dict[str, str], stdin: TextIO = sys.stdin, stdout: TextIO = sys.st
             session.turns.append(Message("user", text))
             gen = generate(engine, [session.prompt()], sampling, stop_ids={tok.im_end_id, tok.eod_id},
                            pad_id=tok.pad_id, seed=seed + turn, vocab_size=tok.vocab_size)
-            reply = tok.decode([t for t in gen.tokens[0] if t not in (tok.im_end_id, tok.eod_id)])
+            reply = tok.response_text(gen.tokens[0])
             session.turns.append(Message("assistant", reply))
             print(f"assistant> {reply}", file=stdout, flush=True)
     finally:

@@ -122,6 +122,10 @@ class Tokenizer:
         """Text of `ids`; control ids (pad, EOD) decode to nothing."""
         raise NotImplementedError
 
+    def response_text(self, ids: Sequence[int]) -> str:
+        """Text of a generated response: its end-of-turn and EOD ids dropped."""
+        return self.decode([t for t in ids if t not in (self.im_end_id, self.eod_id)])
+
     def id_to_piece(self, idx: int) -> str:
         raise NotImplementedError
 

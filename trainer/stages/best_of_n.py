@@ -51,7 +51,7 @@ def _sample_prompts(ctx: RunContext, tok: Tokenizer, policy: Engine, scorer: Sco
         scores = scorer(ids, gen.tokens)
         for j, i in enumerate(chunk):
             rows = range(j * n, (j + 1) * n)
-            texts = [tok.decode([t for t in gen.tokens[r] if t not in (tok.im_end_id, tok.eod_id)]) for r in rows]
+            texts = [tok.response_text(gen.tokens[r]) for r in rows]
             got = [scores[r] for r in rows]
             best = int(np.argmax(got))
             records.append({

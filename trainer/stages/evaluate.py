@@ -99,7 +99,7 @@ class EvalJob:
     # ---- responses ---------------------------------------------------------------------
 
     def _decode(self, tokens: list[int]) -> str:
-        return self.tok.decode([t for t in tokens if t not in (self.tok.im_end_id, self.tok.eod_id)])
+        return self.tok.response_text(tokens)
 
     def sample(self, policy: Engine) -> _Responses:
         seed = int(self.cfg.seed) * 1_000_003 + self.ctx.topo.dp_rank

@@ -214,8 +214,7 @@ class PPOStage(Stage):
     def _gold(self, prompts: list[list[Message]], responses: list[list[int]]) -> Optional[list[float]]:
         if self.gold is None:
             return None
-        stops = {self.tok.im_end_id, self.tok.eod_id}
-        return [self.gold(p, self.tok.decode([t for t in r if t not in stops])) for p, r in zip(prompts, responses)]
+        return [self.gold(p, self.tok.response_text(r)) for p, r in zip(prompts, responses)]
 
     def train_step(self, step: int) -> StepResult:
         ppo, topo = self.cfg.ppo, self.ctx.topo
