@@ -210,7 +210,8 @@ class Memory:
 def memory_per_device(cfg: Any) -> Memory:
     """Per the stage: pairs double the rows of a microbatch (activations, logits), frozen
     models add their weights, each extra trained model (the PPO/A2C critic, assumed the size
-    of the policy, with its own optimizer) its weights, grads and optimizer states, and a
+    of the policy, with its own optimizer; the critic-free estimators have none) its weights,
+    grads and optimizer states, and a
     stage that does not train (best_of_n) holds no grads, optimizer states or training
     activations. PPO/A2C train one row (a sampled response) per prompt; the rows of one
     optimizer step, which set the microbatches in flight, are train.global_batch (PPO) or
@@ -223,11 +224,11 @@ def memory_per_device(cfg: Any) -> Memory:
     is the policy's frozen base, not a model of its own (LORA_SHARED_REFERENCE).
     Full recomputation keeps the input of every block of parallel.recompute_num_layers layers
     and rebuilds one block at a time."""
-    from trainer.stages import (EXTRA_TRAINED_MODELS, FROZEN_MODELS, LORA_SHARED_REFERENCE, NO_TRAINING,
-                                RL_STAGES, ROWS_PER_SAMPLE)
+    from trainer.stages import LORA_SHARED_REFERENCE, NO_TRAINING, RL_STAGES, ROWS_PER_SAMPLE, model_counts
 
     stage = str(cfg.stage.name)
-    trained = 1 + EXTRA_TRAINED_MODELS.get(stage, 0)
+    frozen_count, extra_trained = model_counts(cfg)
+    trained = 1 + extra_trained
     rows = ROWS_PER_SAMPLE.get(stage, 1)
     if rows > 1:
         cfg = OmegaConf.merge(cfg, {"train": {"micro_batch": int(cfg.train.micro_batch) * rows}})
@@ -236,14 +237,15 @@ def memory_per_device(cfg: Any) -> Memory:
     per = bytes_per_param(str(cfg.parallel.precision),
                           bool(cfg.parallel.distributed_optimizer), lay.dp)
     lora = lora_params_per_device(cfg) if stage not in NO_TRAINING else 0
-    frozen_models = FROZEN_MODELS.get(stage, 0) - (1 if lora and stage in LORA_SHARED_REFERENCE else 0)
+    shared = lora and stage in LORA_SHARED_REFERENCE and (stage not in RL_STAGES or float(cfg.ppo.kl_coef) > 0)
+    frozen_models = frozen_count - (1 if shared else 0)
     frozen = frozen_models * n * per["weights"]
     if stage in NO_TRAINING:
         none = {mode: 0.0 for mode in ("none", "selective", "full")}
         return Memory(0.0, 0.0, 0.0, none, 0.0, str(cfg.parallel.recompute), frozen)
     step_rows = gb = int(cfg.train.global_batch)
     if stage in RL_STAGES:
-        step_rows = (int(cfg.ppo.rollout_batch) if stage == "a2c" else gb) \
+        step_rows = (int(cfg.ppo.rollout_batch) * int(cfg.ppo.n_samples_per_prompt) if stage == "a2c" else gb) \
             + (gb if float(cfg.ppo.ptx_coef) > 0 else 0)
     micro = max(1, step_rows // (int(cfg.train.micro_batch) * lay.dp))
     # 1F1B: the first stage holds min(pp, microbatches) microbatches of its layers in flight.
@@ -258,7 +260,7 @@ def memory_per_device(cfg: Any) -> Memory:
     s, b = int(cfg.model.seq_length), int(cfg.train.micro_batch)
     logits = 4.0 * s * b * padded_vocab(cfg) / lay.tp  # fp32 logits for the loss, last stage
     # A trained scalar head (the reward model's, the PPO critic's) is h + 1 parameters.
-    heads = (cfg.model.head == "scalar") + (stage in RL_STAGES)
+    heads = (cfg.model.head == "scalar") + extra_trained
     trainable = trained * lora + heads * (int(cfg.model.hidden_size) + 1) if lora else trained * n
     weights = trained * (n + lora) * per["weights"]
     return Memory(weights, trainable * per["grads"], trainable * per["optimizer"], acts,

@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from parallel.config import LORA_TARGETS, ModelConfig, lora_targets, model_split_problems
 from trainer.data.chat_embedded import EVAL_TASKS, PREFERENCES  # torch-free (random, sentencepiece)
+from launcher.errors import ConfigError, format_value  # noqa: F401  (re-exported: launcher.validate.ConfigError)
+from trainer.config import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 from trainer.stages import NO_TRAINING, RL_STAGES, SAMPLING_STAGES, STAGE_DATA, STAGE_HEAD, STAGES
 
 # The one place that lists the allowed values of every enumerated string field (the
@@ -31,7 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.decay": ("cosine", "linear", "constant"),
     "logger": ("wandb", "none"),
     "wandb.mode": ("auto", "offline", "online"),
-    "data.format": ("embedded", "text", "chatml", "alpaca", "hh_rlhf", "preference"),
+    "data.format": ("embedded", "text", "chatml", "alpaca", "hh_rlhf", "preference", "prompts"),
     "data.overlong": ("truncate", "drop"),
     "data.embedded.prefer": PREFERENCES,
     "data.embedded.eval_tasks": EVAL_TASKS,
@@ -39,6 +41,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rm.reduce": ("last", "mean"),
     "dpo.loss": ("sigmoid", "ipo"),
     "ppo.critic_init": ("reward", "policy"),
+    "ppo.advantage_estimator": ADVANTAGE_ESTIMATORS,
+    "ppo.loss_agg": LOSS_AGGREGATIONS,
+    "ppo.ratio_level": ("token", "sequence"),
+    "ppo.kl_in": ("reward", "loss"),
+    "ppo.kl_estimator": KL_ESTIMATORS,
+    "ppo.reward_norm": ("none", "batch", "running"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "ckpt.load_state": ("weights", "full"),
     "cluster.name": ("local", "slurm"),
@@ -66,6 +74,8 @@ POSITIVE: tuple[str, ...] = (
     "ppo.rollout_batch",
     "ppo.epochs",
     "ppo.kl_horizon",
+    "ppo.n_samples_per_prompt",
+    "ppo.max_sampling_rounds",
 )
 
 # Optional sizes: None means "derive it", any set value must be >= 1.
@@ -77,25 +87,6 @@ LAYOUT_KEYS: tuple[str, ...] = (
     "model.num_layers", "model.hidden_size", "model.num_attention_heads",
     "train.global_batch", "train.micro_batch", "model.make_vocab_size_divisible_by",
 ) + OPTIONAL_POSITIVE
-
-
-class ConfigError(ValueError):
-    """A bad config value; str() reads `<key>=<value>: <message>`."""
-
-    def __init__(self, key: str, value: object, message: str) -> None:
-        self.key = key
-        self.value = value
-        self.message = message
-        super().__init__(f"{key}={format_value(value)}: {message}")
-
-
-def format_value(value: object) -> str:
-    """Render a value the way a user would type it on the command line."""
-    if value is None:
-        return "null"
-    if value == "":
-        return "''"
-    return str(value)
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -181,10 +172,9 @@ def _check_stage(cfg: DictConfig) -> list[ConfigError]:
     head = STAGE_HEAD.get(stage, "lm")
     if cfg.model.head != head:
         errors.append(ConfigError("model.head", cfg.model.head, f"stage={stage} needs model.head={head}"))
-    if stage in SAMPLING_STAGES or stage in RL_STAGES:
-        reward = "best_of_n.reward" if stage in SAMPLING_STAGES else "ppo.reward"
-        policy = "the policy to sample from" if stage in SAMPLING_STAGES else "the SFT policy (a run dir)"
-        for key, what in (("ckpt.load", policy), (reward, "the reward model's run dir")):
+    if stage in SAMPLING_STAGES:
+        for key, what in (("ckpt.load", "the policy to sample from"),
+                          ("best_of_n.reward", "the reward model's run dir")):
             if not _get(cfg, key):
                 errors.append(ConfigError(key, _get(cfg, key), f"stage={stage} needs {what}"))
     ranges = (("dpo.beta", lambda v: v > 0, "must be > 0"),
@@ -193,16 +183,7 @@ def _check_stage(cfg: DictConfig) -> list[ConfigError]:
               ("sampling.temperature", lambda v: v >= 0, "must be >= 0 (0 is greedy)"),
               ("sampling.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
               ("sampling.top_k", lambda v: v >= 0, "must be >= 0 (0 is off)"),
-              ("ppo.critic_lr", lambda v: v >= 0, "must be >= 0 (0 is optim.lr)"),
-              ("ppo.clip", lambda v: v > 0, "must be > 0"),
-              ("ppo.value_clip", lambda v: v >= 0, "must be >= 0 (0 is off)"),
-              ("ppo.kl_coef", lambda v: v >= 0, "must be >= 0"),
-              ("ppo.kl_target", lambda v: v >= 0, "must be >= 0 (0 keeps ppo.kl_coef fixed)"),
-              ("ppo.gamma", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-              ("ppo.lam", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-              ("ppo.entropy_coef", lambda v: v >= 0, "must be >= 0"),
-              ("ppo.ptx_coef", lambda v: v >= 0, "must be >= 0"),
-              ("ppo.missing_eos_penalty", lambda v: v >= 0, "must be >= 0"))
+              )
     for key, ok, what in ranges:
         value = _get(cfg, key)
         if not ok(value):
@@ -211,47 +192,10 @@ def _check_stage(cfg: DictConfig) -> list[ConfigError]:
 
 
 def _check_rl(cfg: DictConfig) -> list[ConfigError]:
-    """PPO/A2C: the rollout splits evenly over DP ranks and microbatches (and, for PPO, into
-    minibatches of train.global_batch); a prompt leaves room for the response."""
-    stage = cfg.stage.name
-    if stage not in RL_STAGES:
-        return []
-    errors = []
-    world = cfg.cluster.nodes * cfg.cluster.procs_per_node
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    dp = world // (tp * pp)
-    rollout, mb, gb = cfg.ppo.rollout_batch, cfg.train.micro_batch, cfg.train.global_batch
-    if rollout % (mb * dp):
-        errors.append(ConfigError(
-            "ppo.rollout_batch", rollout,
-            f"must be a multiple of train.micro_batch x DP = {mb} x {dp} = {mb * dp} "
-            f"(DP = world {world} / (tp {tp} x pp {pp}))"))
-    elif stage == "ppo" and rollout % gb:
-        errors.append(ConfigError(
-            "ppo.rollout_batch", rollout,
-            f"stage=ppo splits the rollout into minibatches: must be a multiple of "
-            f"train.global_batch={gb}"))
-    errors.extend(_check_reward_model_split(cfg, tp, pp))
-    new, seq = cfg.sampling.max_new_tokens, cfg.model.seq_length
-    if new >= seq:
-        errors.append(ConfigError(
-            "sampling.max_new_tokens", new,
-            f"stage={stage} needs room for the prompt: must be < model.seq_length={seq}"))
-    return errors
+    """The RL stages' ppo.* settings (launcher/validate_rl.py); ppo.* ranges for every stage."""
+    from launcher.validate_rl import check_ranges, check_rl
 
-
-def _check_reward_model_split(cfg: DictConfig, tp: int, pp: int) -> list[ConfigError]:
-    """The reward model (and a critic made from it) runs at this run's layout, with its own
-    model config: it must split over the same TP ranks and PP stages. Its config.yaml is
-    the run dir's or the step dir's (a checkpoints/ dir has it one level up)."""
-    where = Path(str(cfg.ppo.reward)).expanduser()
-    found = [p for p in (where / "config.yaml", where.parent / "config.yaml") if p.is_file()]
-    if not found:
-        return []  # _check_paths reports a missing path; the trainer names other problems
-    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(found[0]).get("model", {}))
-    return [ConfigError("ppo.reward", cfg.ppo.reward,
-                        f"the reward model cannot run at this layout: its {key}={value} {what}")
-            for key, value, what in model_split_problems(model, tp, pp)]
+    return check_ranges(cfg) + (check_rl(cfg) if cfg.stage.name in RL_STAGES else [])
 
 
 def _check_paths(cfg: DictConfig, pending: frozenset[str] = frozenset()) -> list[ConfigError]:
@@ -333,8 +277,8 @@ def find_errors(cfg: DictConfig | Any, pending: frozenset[str] = frozenset()) ->
         (lambda c: _check_paths(c, pending), ("data.format",)),
         (_check_stage, ("stage.name", "data.format", "model.head")),
         (_check_memory_savers, ("stage.name", "optim.name")),
-        (_check_rl, ("stage.name", "ppo.rollout_batch", "sampling.max_new_tokens", "model.seq_length")
-         + LAYOUT_KEYS),
+        (_check_rl, ("stage.name", "ppo.rollout_batch", "ppo.n_samples_per_prompt", "sampling.max_new_tokens",
+                     "model.seq_length", "ppo.advantage_estimator", "ppo.critic_init") + LAYOUT_KEYS),
     ]
     for check, needs in dependent:
         if not _bad_keys(errors) & set(needs):

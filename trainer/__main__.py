@@ -15,6 +15,7 @@ def main(argv: list[str]) -> int:
     from trainer import runtime
     from trainer.checkpointing import CheckpointError
     from trainer.loop import run
+    from trainer.rewards import RewardError
     from trainer.stages import build_stage
 
     cfg = runtime.load_config(argv[0])
@@ -27,8 +28,9 @@ def main(argv: list[str]) -> int:
                 runtime.mark_done(ctx, stage.name, 0)
             return code
         return run(ctx, stage)
-    except CheckpointError as exc:
-        # A damaged or missing checkpoint is the user's to fix: one clear line, no traceback.
+    except (CheckpointError, RewardError) as exc:
+        # A damaged or missing checkpoint, or a reward function that failed, is the user's to
+        # fix: one clear line, no traceback (nothing was saved after the last checkpoint).
         print(f"chatforge: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:

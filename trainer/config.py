@@ -162,29 +162,76 @@ class BestOfNConfig:
     num_prompts: int = 0
 
 
+# The RL pipeline's named parts (docs/rlhf.md). Torch-free: the launcher checks values against
+# these; trainer/advantages.py registers one estimator per name (a test holds them equal).
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+CRITIC_ESTIMATORS: tuple[str, ...] = ("gae",)  # the others build no critic
+# Estimators that compare the samples of one prompt: ppo.n_samples_per_prompt >= 2.
+GROUP_ESTIMATORS: tuple[str, ...] = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+LOSS_AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+# Reward sources named by a word (trainer/rewards.py); others are regex:<pattern> or module:function.
+NAMED_REWARD_SOURCES: tuple[str, ...] = ("rm", "gold", "eos", "math")
+
+
 @dataclass
 class PPOConfig:
-    """RLHF (stage=ppo and stage=a2c): actor and reference from ckpt.load (an SFT run), a
-    frozen reward model and a trainable critic. train.steps counts iterations (one rollout
-    and its updates each); train.global_batch is the sequences per optimizer step."""
+    """Every RL stage (stage=ppo, a2c, grpo, dr_grpo, rloo, reinforce_pp; the group keeps the
+    name `ppo` it had first). One pipeline: rollout (n samples per prompt) -> score (a
+    weighted list of reward sources) -> advantages (an estimator by name) -> loss (clip,
+    aggregation, KL placement). A stage's conf/stage/<name>.yaml is a preset of these keys.
+    train.steps counts iterations (one rollout and its updates each); train.global_batch is
+    the sequences per optimizer step."""
 
-    # The reward model: a run dir, its checkpoints/ dir or a step dir (required).
+    # The reward model: a run dir, its checkpoints/ dir or a step dir (needed when
+    # reward_funcs names "rm").
     reward: str = ""
+    # Reward sources, summed with reward_weights (empty: all 1.0); each is logged as
+    # reward_<name>: "rm" (the reward model above), "gold" (the embedded world's verifier),
+    # "eos" (1 if the response ended with a stop token), "regex:<pattern>" (1 if the response
+    # matches), "math" (math-verify against the prompt's "answer" field), or
+    # "package.module:function" (a user callable: docs/rlhf.md gives its signature).
+    reward_funcs: list[str] = field(default_factory=lambda: ["rm"])
+    reward_weights: list[float] = field(default_factory=list)
+    # Post-processing of the weighted sum: normalise ("batch": over this rollout, "running":
+    # running moments kept in the checkpoint; "none"), then clip to [-reward_clip, reward_clip]
+    # (0: off).
+    reward_norm: str = "none"
+    reward_clip: float = 0.0
+    # How advantages are estimated: gae (with the critic: PPO, A2C), grpo, dr_grpo, rloo,
+    # reinforce_pp, reinforce_pp_baseline (no critic is built).
+    advantage_estimator: str = "gae"
+    # Responses sampled per prompt (the group size); a group is generated, scored and
+    # advantaged together on one data-parallel rank.
+    n_samples_per_prompt: int = 1
     # Where the critic starts: "reward" (the reward model, as InstructGPT) or "policy" (the
     # SFT checkpoint with a fresh zero-initialised scalar head).
     critic_init: str = "reward"
     # The critic's learning rate (0: optim.lr); it shares optim's other settings.
     critic_lr: float = 0.0
-    # Prompts (one response each) per iteration over all data-parallel ranks.
+    # Prompts per iteration over all data-parallel ranks (each sampled n_samples_per_prompt times).
     rollout_batch: int = 16
-    # PPO: passes over each rollout, each split into rollout_batch / train.global_batch
-    # minibatches (one optimizer step each). A2C makes one update on the whole rollout.
+    # Passes over each rollout, each split into (responses / train.global_batch) minibatches
+    # (one optimizer step each). A2C makes one update on the whole rollout.
     epochs: int = 2
     clip: float = 0.2  # PPO ratio clip epsilon
+    # Asymmetric clipping: ratio clipped to [1 - clip_low, 1 + clip_high] (null: ppo.clip;
+    # DAPO's clip-higher: clip_high=0.28).
+    clip_low: Optional[float] = None
+    clip_high: Optional[float] = None
+    # The importance ratio per token (PPO, GRPO) or per sequence (GSPO: length-normalised).
+    ratio_level: str = "token"
+    # How the per-token policy loss is averaged: token_mean | seq_mean_token_mean |
+    # seq_mean_token_sum_norm (Dr. GRPO; normalised by sampling.max_new_tokens).
+    loss_agg: str = "token_mean"
     value_clip: float = 0.2  # PPO value clip (0: off); A2C never clips
-    # KL penalty beta on log pi - log pi_ref per token: fixed, or adaptive when kl_target > 0
-    # (Ziegler et al. 2019: beta moves so that the sequence KL approaches kl_target).
+    # KL to the reference, coefficient beta: in the reward (per token, as PPO) or as a loss
+    # term (GRPO), with the estimator k1 | k2 | k3. kl_coef=0 with kl_in=loss (or no KL at
+    # all): no reference model is built. Adaptive when kl_target > 0 (Ziegler et al. 2019:
+    # beta moves so that the sequence KL approaches kl_target).
     kl_coef: float = 0.05
+    kl_in: str = "reward"
+    kl_estimator: str = "k1"
     kl_target: float = 0.0
     kl_horizon: int = 10000
     gamma: float = 1.0
@@ -194,8 +241,15 @@ class PPOConfig:
     entropy_coef: float = 0.0
     # PPO-ptx (InstructGPT eq. 2): ptx_coef x the SFT loss on the data's conversations.
     ptx_coef: float = 0.0
-    # Subtracted from the reward-model score of a response cut by sampling.max_new_tokens.
+    # Subtracted from the reward of a response cut by sampling.max_new_tokens.
     missing_eos_penalty: float = 0.0
+    # Overlong responses (cut by sampling.max_new_tokens) take no part in the loss (DAPO).
+    overlong_mask: bool = False
+    # DAPO's dynamic sampling: drop groups whose rewards are all equal (no signal) and sample
+    # more prompts until the rollout is full, at most max_sampling_rounds rounds (then it is
+    # filled with dropped groups; both counts are logged).
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
 
 
 @dataclass

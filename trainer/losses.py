@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from trainer.config import KL_ESTIMATORS, LOSS_AGGREGATIONS
+
 LossTerms = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 
@@ -131,18 +133,36 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 # ---- RLHF: rewards, advantages, policy and value losses (PPO, A2C) ---------------------------
 
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimators of KL(pi || pi_ref) from samples of pi (Schulman 2020, "Approximating
+    KL divergence"). logp, ref_logp: [b, t] log-probs of the sampled tokens; with
+    d = log pi_ref - log pi:
+    k1 = -d (unbiased, high variance; can be negative), k2 = d^2 / 2 (biased, low variance),
+    k3 = exp(d) - d - 1 (unbiased, low variance, >= 0: GRPO's KL loss, DeepSeekMath eq. 4).
+    Returns [b, t]."""
+    d = ref_logp - logp
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "k3":
+        return torch.exp(d) - d - 1.0
+    raise ValueError(f"ppo.kl_estimator={kind!r}: must be one of {KL_ESTIMATORS}")
+
+
 def kl_penalty_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
-                       mask: torch.Tensor, beta: float) -> torch.Tensor:
+                       mask: torch.Tensor, beta: float, estimator: str = "k1") -> torch.Tensor:
     """Per-token rewards of a response (Ziegler et al. 2019; InstructGPT eq. 2).
 
-    score: [b] reward-model score of each whole response.
+    score: [b] reward of each whole response (reward model, verifier, rules...).
     logp, ref_logp: [b, t] log pi(a_t | s_t) and log pi_ref(a_t | s_t) of the response tokens.
     mask: [b, t] {0, 1}, 1 on the response's tokens (rows may end at different t).
-    r_t = -beta (log pi - log pi_ref)_t, plus `score` at each row's last token.
+    r_t = -beta k(log pi, log pi_ref)_t (k = kl_estimate's `estimator`; k1 = the log-ratio),
+    plus `score` at each row's last token.
     Returns [b, t] (0 where mask is 0).
     """
     mask = mask.to(logp.dtype)
-    rewards = -beta * (logp - ref_logp) * mask
+    rewards = -beta * kl_estimate(logp, ref_logp, estimator) * mask
     last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
     return rewards.scatter_add(1, last.unsqueeze(1), score.to(rewards.dtype).unsqueeze(1))
 
@@ -194,36 +214,115 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, ep
     return out * mask.to(values.dtype)
 
 
-def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float) -> LossTerms:
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), summed over response tokens.
+# ---- group RL (GRPO, Dr. GRPO, RLOO, REINFORCE++): advantages without a critic ---------------
 
-    logp, old_logp, advantages, mask: [b, t]. ratio = exp(logp - old_logp);
-    L = sum_t m_t max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)) over sum_t m_t tokens.
-    Metrics: loss, clip_fraction (share of tokens where the clipped term is taken), approx_kl
-    (mean of (ratio - 1) - log ratio, Schulman's k3 estimator of KL(old || new)).
+GROUP_ESTIMATORS: tuple[str, ...] = ("grpo", "dr_grpo", "rloo")
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, kind: str, eps: float = 1e-4) -> torch.Tensor:
+    """One advantage per response from the rewards of its group (several samples of one prompt).
+
+    scores: [N] rewards, N = groups x G with the G responses of a prompt consecutive.
+    grpo (Shao et al. 2024, DeepSeekMath sec. 4.1.2): A_i = (r_i - mean_g) / (std_g + eps), std the
+        unbiased (n - 1) one, eps = 1e-4 (as TRL); a group whose rewards are all equal gets 0.
+    dr_grpo (Liu et al. 2025, "Understanding R1-Zero-like training", eq. 3): A_i = r_i - mean_g
+        (no std scaling: questions of low reward spread are not up-weighted).
+    rloo (Ahmadian et al. 2024, eq. 9): A_i = r_i - 1/(G-1) sum_{j != i} r_j, the leave-one-out
+        baseline (unbiased: r_i is not in its own baseline) = G/(G-1) (r_i - mean_g).
+    Returns [N] (float32)."""
+    if group_size < 2:
+        raise ValueError(f"ppo.n_samples_per_prompt={group_size}: ppo.advantage_estimator={kind} compares "
+                         "the samples of a prompt: needs >= 2")
+    r = scores.double().view(-1, group_size)
+    mean = r.mean(-1, keepdim=True)
+    if kind == "grpo":
+        out = (r - mean) / (r.std(-1, keepdim=True) + eps)
+    elif kind == "dr_grpo":
+        out = r - mean
+    elif kind == "rloo":
+        out = r - (r.sum(-1, keepdim=True) - r) / (group_size - 1)
+    else:
+        raise ValueError(f"ppo.advantage_estimator={kind!r}: not a group estimator {GROUP_ESTIMATORS}")
+    return out.view(-1).float()
+
+
+def group_centered(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """r_i - mean of its group ([N] -> [N]): REINFORCE++-baseline's reward shaping (Hu 2025,
+    sec. 3), before the KL penalty and the global whitening."""
+    r = scores.double().view(-1, group_size)
+    return (r - r.mean(-1, keepdim=True)).view(-1).to(scores.dtype)
+
+
+# ---- policy losses ------------------------------------------------------------------------------
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean",
+              max_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """How a per-token loss [b, t] becomes (sum, count) for the engine, which divides the
+    global sum by the global count (so the loss is a mean over the whole minibatch):
+    token_mean: sum_i sum_t m l / sum_i sum_t m (every token weighs the same; DAPO, OpenRLHF);
+    seq_mean_token_mean: sum_i (sum_t m l / |y_i|) / #rows (every response weighs the same;
+        the GRPO paper's 1/G sum_i 1/|o_i| sum_t);
+    seq_mean_token_sum_norm: sum_i sum_t m l / max_len / #rows (Dr. GRPO: a constant
+        normaliser, no length bias).
+    Rows whose mask is all 0 (e.g. masked overlong responses) count in neither."""
+    mask = mask.to(per_token.dtype)
+    tokens = mask.sum(-1)
+    if mode == "token_mean":
+        return (per_token * mask).sum(), tokens.sum()
+    rows = (tokens > 0).to(per_token.dtype).sum()
+    if mode == "seq_mean_token_mean":
+        return ((per_token * mask).sum(-1) / tokens.clamp(min=1.0)).sum(), rows
+    if mode == "seq_mean_token_sum_norm":
+        return (per_token * mask).sum() / float(max_len), rows
+    raise ValueError(f"ppo.loss_agg={mode!r}: must be one of {LOSS_AGGREGATIONS}")
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float, clip_high: Optional[float] = None,
+                    ratio_level: str = "token", agg: str = "token_mean", max_len: int = 1) -> LossTerms:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) with the options of the group
+    methods.
+
+    logp, old_logp, advantages, mask: [b, t].
+    ratio_level="token": ratio_t = exp(logp_t - old_logp_t) (PPO, GRPO);
+        "sequence" (GSPO, Zheng et al. 2025, eq. 7): every token of row i takes
+        s_i = exp(sum_t m (logp - old_logp) / |y_i|), the length-normalised sequence ratio.
+    l_t = max(-A_t ratio_t, -A_t clip(ratio_t, 1 - clip, 1 + clip_high)); clip_high defaults to
+        clip (DAPO's clip-higher sets it larger: eq. 10).
+    The sum and count follow `aggregate(l, mask, agg, max_len)`.
+    Metrics (per token): loss, clip_fraction (share of tokens where the clipped term is taken),
+    approx_kl (mean of (r - 1) - log r with the token ratio r: Schulman's k3 of KL(old || new)).
     """
     mask = mask.to(logp.dtype)
-    log_ratio = logp - old_logp
+    token_log_ratio = logp - old_logp
+    log_ratio = token_log_ratio
+    if ratio_level == "sequence":
+        seq = (token_log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        log_ratio = seq.unsqueeze(-1).expand_as(logp)
+    elif ratio_level != "token":
+        raise ValueError(f"ppo.ratio_level={ratio_level!r}: must be token or sequence")
     ratio = torch.exp(log_ratio)
+    high = clip if clip_high is None else clip_high
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    total = (torch.maximum(unclipped, clipped) * mask).sum()
-    count = mask.sum()
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + high)
+    total, count = aggregate(torch.maximum(unclipped, clipped), mask, agg, max_len)
+    tokens = mask.sum()
+    token_ratio = torch.exp(token_log_ratio)
     return total, count.to(torch.int), {
         "loss": _pair(total, count),
-        "clip_fraction": _pair(((clipped > unclipped).to(mask.dtype) * mask).sum(), count),
-        "approx_kl": _pair((((ratio - 1.0) - log_ratio) * mask).sum(), count),
+        "clip_fraction": _pair(((clipped > unclipped).to(mask.dtype) * mask).sum(), tokens),
+        "approx_kl": _pair((((token_ratio - 1.0) - token_log_ratio) * mask).sum(), tokens),
     }
 
 
-def a2c_policy_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> LossTerms:
-    """Advantage actor-critic policy loss (Mnih et al. 2016): L = -sum_t m_t A_t log pi(a_t|s_t)
-    over sum_t m_t tokens, one on-policy update per rollout, no ratio and no clipping.
+def a2c_policy_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    agg: str = "token_mean", max_len: int = 1) -> LossTerms:
+    """Advantage actor-critic policy loss (Mnih et al. 2016): l_t = -A_t log pi(a_t|s_t), one
+    on-policy update per rollout, no ratio and no clipping; summed and counted by
+    `aggregate(l, mask, agg, max_len)` (token_mean: over sum_t m_t tokens).
     logp, advantages, mask: [b, t]."""
     mask = mask.to(logp.dtype)
-    total = -(advantages.detach() * logp * mask).sum()
-    count = mask.sum()
+    total, count = aggregate(-(advantages.detach() * logp), mask, agg, max_len)
     return total, count.to(torch.int), {"loss": _pair(total, count)}
 
 

@@ -1,4 +1,5 @@
-"""Rollouts for PPO and A2C: prompts -> responses -> log-probs, values, rewards, advantages.
+"""Rollouts of the RL stages: prompts -> responses -> log-probs, values, rewards (advantages:
+trainer/advantages.py).
 
 Layout of a rollout on one data-parallel rank (n responses): a row is prompt + response,
 right-padded to S+1 tokens (chat_prepare.response_row), so plain causal attention with
@@ -9,9 +10,13 @@ model.seq_length). Every per-token tensor is [n, S] and aligned with the model's
 column j is the action "token j+1" taken in the state "tokens 0..j". `mask` [n, S] is 1
 on the response's tokens (one contiguous run per row, the stop token included).
 
-The four models are four parallel.Engine objects at this run's TP/PP layout: the actor
-(the policy, LM head), the reference (frozen copy of the SFT policy), the critic (scalar
-head, trainable) and the reward model (scalar head, frozen; trainer.stages.reward.Scorer).
+Groups: with ppo.n_samples_per_prompt = G, a rank's rows are its prompts each repeated G
+times, consecutively (rows g*G .. g*G+G-1 answer prompt g), so a group never spans ranks.
+
+The models are parallel.Engine objects at this run's TP/PP layout: the actor (the policy, LM
+head), the reference (frozen copy of the SFT policy; None when no KL is used), the critic
+(scalar head, trainable; None for the critic-free estimators). Rewards come from the stage
+(trainer/rewards.py: reward models, verifiers, rules, user callables).
 """
 from __future__ import annotations
 
@@ -29,8 +34,7 @@ from trainer.config import SamplingConfig
 from trainer.data.chat_prepare import longest_row, response_rows
 from trainer.data.tokenizer import Tokenizer
 from trainer.generation import generate
-from trainer.losses import gae, kl_penalty_rewards, masked_moments, outputs_only, whiten
-from trainer.stages.reward import Scorer
+from trainer.losses import outputs_only
 
 Batch = dict[str, torch.Tensor]
 
@@ -97,11 +101,16 @@ class Rollout:
     tokens: torch.Tensor  # [n, S+1] long
     response_mask: torch.Tensor  # [n, S+1] token-aligned (what the reward model reads)
     mask: torch.Tensor  # [n, S] label-aligned
-    score: torch.Tensor  # [n] reward-model score (minus the missing-EOS penalty)
+    score: torch.Tensor  # [n] reward (the weighted sources, minus the missing-EOS penalty)
     logp: torch.Tensor  # [n, S] log pi_old of the taken tokens
-    ref_logp: torch.Tensor  # [n, S]
+    ref_logp: torch.Tensor  # [n, S] (= logp when there is no reference model)
     entropy: torch.Tensor  # [n, S] of pi_old
-    values: torch.Tensor  # [n, S] critic V(s_t)
+    values: torch.Tensor  # [n, S] critic V(s_t) (0 without a critic)
+    group_size: int = 1
+    sources: dict[str, torch.Tensor] = field(default_factory=dict)  # reward_<key>: [n] raw scores
+    has_critic: bool = True
+    # [n] 1.0 where the response takes part in the loss (0: an overlong response, ppo.overlong_mask)
+    loss_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     rewards: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [n, S]
     advantages: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [n, S]
     returns: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [n, S]
@@ -115,8 +124,10 @@ class Rollout:
     def rows(self, index: Optional[np.ndarray] = None) -> Batch:
         """What the update's step functions read, for the rows in `index` (default all);
         "tokens" first (the engine reads the microbatch size from it)."""
+        loss_rows = self.loss_rows if self.loss_rows.numel() else torch.ones(len(self.responses))
         fields = {"tokens": self.tokens, "response_mask": self.response_mask, "old_logp": self.logp,
-                  "old_values": self.values, "advantages": self.advantages, "returns": self.returns}
+                  "ref_logp": self.ref_logp, "old_values": self.values, "advantages": self.advantages,
+                  "returns": self.returns, "loss_rows": loss_rows}
         if index is None:
             return dict(fields)
         picked = torch.from_numpy(np.asarray(index, dtype=np.int64))
@@ -126,8 +137,11 @@ class Rollout:
 # ---- forward passes (Megatron forward_step functions) --------------------------------------
 
 def label_mask(batch: Batch, device: torch.device) -> torch.Tensor:
-    """[n, S] 1 where the label (token j+1) belongs to the response."""
-    return batch["response_mask"][:, 1:].to(device)
+    """[n, S] 1 where the label (token j+1) belongs to a response that takes part in the loss."""
+    mask = batch["response_mask"][:, 1:].to(device)
+    if "loss_rows" in batch:
+        mask = mask * batch["loss_rows"].to(device, mask.dtype).unsqueeze(-1)
+    return mask
 
 
 def policy_forward(batch: Batch, model: torch.nn.Module, device: torch.device, vocab_size: int,
@@ -154,15 +168,17 @@ def forward_rows(engine: Engine, rows: Batch, micro_batch: int, step: Callable[[
 
 
 def sample_responses(engine: Engine, tok: Tokenizer, prompts: list[list[int]], sampling: SamplingConfig,
-                     seed: int) -> tuple[list[list[int]], list[bool]]:
+                     seed: int, offset: int = 0) -> tuple[list[list[int]], list[bool]]:
     """(responses, finished) to `prompts`, sampling.batch prompts per generate call; the
-    seed of each call derives from `seed` and the call's index, so the same prompts and
-    seed give the same draws whatever model samples them."""
+    seed of each call derives from `seed` and the call's first row counted from `offset`
+    (this rank's first row in the whole rollout), so the same prompts and seed give the same
+    draws whatever model samples them, and a rank of a DP layout draws what one process
+    drawing every row would (when sampling.batch divides the rows per rank)."""
     responses: list[list[int]] = []
     finished: list[bool] = []
     per_call = max(int(sampling.batch), 1)
     for k in range(0, len(prompts), per_call):
-        call_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+        call_seed = int(np.random.SeedSequence([seed, offset + k]).generate_state(1)[0])
         gen = generate(engine, prompts[k:k + per_call], sampling, stop_ids={tok.im_end_id, tok.eod_id},
                        pad_id=tok.pad_id, seed=call_seed)
         responses += gen.tokens
@@ -188,13 +204,16 @@ def policy_logprobs(ctx: Any, engine: Engine, rows: Batch, vocab_size: int, micr
 
 # ---- making a rollout ------------------------------------------------------------------------
 
+Rewards = tuple[torch.Tensor, dict[str, torch.Tensor]]  # (reward [n], raw score per source)
+
+
 class RolloutMaker:
     """Generation with the actor, then one forward of each model over the responses."""
 
-    def __init__(self, ctx: Any, tok: Tokenizer, actor: Engine, reference: Engine, critic: Engine,
-                 scorer: Scorer, sampling: SamplingConfig, full_rows: bool = False) -> None:
+    def __init__(self, ctx: Any, tok: Tokenizer, actor: Engine, reference: Optional[Engine],
+                 critic: Optional[Engine], sampling: SamplingConfig, full_rows: bool = False) -> None:
         self.ctx, self.tok, self.sampling = ctx, tok, sampling
-        self.actor, self.reference, self.critic, self.scorer = actor, reference, critic, scorer
+        self.actor, self.reference, self.critic = actor, reference, critic
         self.seq = int(ctx.cfg.model.seq_length)
         # Rows padded to model.seq_length, not to the rollout's longest: where SFT rows
         # (PPO-ptx) share the actor's pipeline microbatches, whose p2p buffers have one shape.
@@ -202,14 +221,16 @@ class RolloutMaker:
         self.micro = int(ctx.cfg.train.micro_batch)
         self.stops = {tok.im_end_id, tok.eod_id}
 
-    def sample(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], list[bool]]:
-        return sample_responses(self.actor, self.tok, prompts, self.sampling, seed)
+    def sample(self, prompts: list[list[int]], seed: int, offset: int = 0) -> tuple[list[list[int]], list[bool]]:
+        return sample_responses(self.actor, self.tok, prompts, self.sampling, seed, offset)
 
     def policy_logprobs(self, engine: Engine, rows: Batch) -> Batch:
         return policy_logprobs(self.ctx, engine, rows, self.tok.vocab_size, self.micro)
 
     def values(self, rows: Batch) -> torch.Tensor:
         device = self.ctx.device
+        if self.critic is None:
+            return torch.zeros(rows["tokens"].shape[0], rows["tokens"].shape[1] - 1)
 
         def step(batch: Batch, model: torch.nn.Module) -> Any:
             values = critic_forward(batch, model, device)
@@ -217,31 +238,35 @@ class RolloutMaker:
 
         return forward_rows(self.critic, rows, self.micro, step, rows["tokens"].shape[1] - 1)["values"]
 
-    def make(self, prompt_index: list[int], prompts: list[list[int]], seed: int,
-             missing_eos_penalty: float = 0.0) -> Rollout:
-        """Sample and score (no advantages yet: see `add_advantages`)."""
+    def make(self, prompts: list[list[int]], seed: int, reward: Callable[[list[list[int]], list[bool]], Rewards],
+             missing_eos_penalty: float = 0.0, offset: int = 0, group_size: int = 1) -> Rollout:
+        """Sample (`prompts` already repeated group_size times) and score; no advantages yet
+        (trainer/advantages.py). `reward(responses, finished)` scores the responses."""
         started = time.perf_counter()
-        responses, finished = self.sample(prompts, seed)
+        responses, finished = self.sample(prompts, seed, offset)
         generated = time.perf_counter()
-        rollout = self.score(prompts, responses, finished, missing_eos_penalty)
-        rollout.prompt_index = prompt_index
-        rollout.seconds = {"generation_s": generated - started, "forward_s": time.perf_counter() - generated}
+        scores = reward(responses, finished)
+        rewarded = time.perf_counter()
+        rollout = self.score(prompts, responses, finished, scores, missing_eos_penalty)
+        rollout.group_size = group_size
+        rollout.seconds = {"generation_s": generated - started, "reward_s": rewarded - generated,
+                           "forward_s": time.perf_counter() - rewarded}
         return rollout
 
     def score(self, prompts: list[list[int]], responses: list[list[int]], finished: list[bool],
-              missing_eos_penalty: float = 0.0) -> Rollout:
-        """One forward of the actor, the reference, the critic and the reward model over
-        the responses."""
+              rewards: Rewards, missing_eos_penalty: float = 0.0) -> Rollout:
+        """One forward of the actor, the reference and the critic over the responses (those
+        that exist), with their rewards."""
         seq = self.seq if self.full_rows else longest_row(prompts, responses, self.seq)
         rows = response_rows(prompts, responses, seq, self.tok.pad_id)
         actor = self.policy_logprobs(self.actor, rows)
-        reference = self.policy_logprobs(self.reference, rows)
+        ref_logp = actor["logp"] if self.reference is None else self.policy_logprobs(self.reference, rows)["logp"]
         values = self.values(rows)
-        score = torch.tensor(self.scorer(prompts, responses), dtype=torch.float32)
-        score -= missing_eos_penalty * (1.0 - torch.tensor(finished, dtype=torch.float32))
+        score = rewards[0].float() - missing_eos_penalty * (1.0 - torch.tensor(finished, dtype=torch.float32))
         mask = rows["response_mask"][:, 1:].float()
         return Rollout([], prompts, responses, finished, rows["tokens"], rows["response_mask"], mask, score,
-                       actor["logp"] * mask, reference["logp"] * mask, actor["entropy"] * mask, values * mask)
+                       actor["logp"] * mask, ref_logp * mask, actor["entropy"] * mask, values * mask,
+                       sources=rewards[1], has_critic=self.critic is not None)
 
 
 def dp_sum(values: torch.Tensor, group: Any) -> torch.Tensor:
@@ -249,45 +274,49 @@ def dp_sum(values: torch.Tensor, group: Any) -> torch.Tensor:
     return values if group is None else all_reduce_host(values, group)
 
 
-def add_advantages(rollout: Rollout, beta: float, gamma: float, lam: float, whiten_advantages: bool,
-                   dp_group: Any) -> None:
-    """Per-token rewards (score at the last token, -beta x log-ratio everywhere), GAE
-    advantages and returns; advantages whitened over the whole rollout (all DP ranks)."""
-    r = rollout
-    r.rewards = kl_penalty_rewards(r.score, r.logp, r.ref_logp, r.mask, beta)
-    advantages, r.returns = gae(r.rewards, r.values, r.mask, gamma, lam)
-    if whiten_advantages:
-        moments = dp_sum(masked_moments(advantages, r.mask), dp_group)
-        advantages = whiten(advantages, r.mask, moments=moments)
-    r.advantages = advantages
-
-
 def rollout_metrics(r: Rollout, dp_group: Any, gold: Optional[list[float]] = None) -> dict[str, float]:
     """Means over the whole rollout (all DP ranks): reward (score), kl (per sequence,
-    sum_t log pi - log pi_ref), entropy (per token), response_length, finished, value,
-    return, explained_variance = 1 - Var(R - V) / Var(R) over response tokens, and the
-    gold reward where the data has one."""
+    sum_t log pi - log pi_ref), entropy (per token), response_length, finished, the raw
+    score of every reward source (reward_<key>), and the gold reward where the data has
+    one. With a critic: value, return, explained_variance = 1 - Var(R - V) / Var(R) over
+    response tokens. Once advantages exist: advantage_mean / advantage_std / advantage_abs
+    (per response token) and, for groups (n_samples_per_prompt > 1), flat_groups: the share
+    of groups whose rewards are all equal (no signal for a group estimator)."""
     mask = r.mask.double()
     n = float(len(r.responses))
     returns = r.returns if r.returns.numel() else r.values  # no advantages yet (evaluation)
     err = (returns - r.values).double() * mask
     ret = returns.double() * mask
+    adv = (r.advantages.double() * mask) if r.advantages.numel() else torch.zeros_like(mask)
+    groups = r.score.double().view(-1, r.group_size)
+    flat = float(((groups.max(-1).values - groups.min(-1).values) <= 1e-9).sum()) if r.group_size > 1 else 0.0
+    keys = sorted(r.sources)
     sums = torch.tensor([
         n, float(r.score.double().sum()), float(((r.logp - r.ref_logp).double() * mask).sum()),
         float(mask.sum()), float((r.entropy.double() * mask).sum()), float(sum(r.finished)),
         float((r.values.double() * mask).sum()), float(ret.sum()), float((ret * ret).sum()),
         float(err.sum()), float((err * err).sum()), float(sum(gold) if gold else 0.0),
+        float(adv.sum()), float((adv * adv).sum()), float(adv.abs().sum()), flat, float(groups.shape[0]),
+        *[float(r.sources[k].double().sum()) for k in keys],
     ], dtype=torch.float64)
     s = dp_sum(sums, dp_group).tolist()
     count, tokens = max(s[0], 1.0), max(s[3], 1.0)
     var_ret = s[8] / tokens - (s[7] / tokens) ** 2
     var_err = s[10] / tokens - (s[9] / tokens) ** 2
     out = {"reward": s[1] / count, "kl": s[2] / count, "response_length": s[3] / count,
-           "entropy": s[4] / tokens, "finished": s[5] / count, "value": s[6] / tokens,
-           "return": s[7] / tokens,
-           "explained_variance": 1.0 - var_err / var_ret if var_ret > 1e-12 else float("nan")}
-    if not r.returns.numel():
-        del out["return"], out["explained_variance"]
+           "entropy": s[4] / tokens, "finished": s[5] / count}
+    out.update({k: s[17 + i] / count for i, k in enumerate(keys)})
+    if r.has_critic:
+        out["value"] = s[6] / tokens
+        if r.returns.numel():
+            out["return"] = s[7] / tokens
+            out["explained_variance"] = 1.0 - var_err / var_ret if var_ret > 1e-12 else float("nan")
+    if r.advantages.numel():
+        out["advantage_mean"] = s[12] / tokens
+        out["advantage_std"] = max(s[13] / tokens - (s[12] / tokens) ** 2, 0.0) ** 0.5
+        out["advantage_abs"] = s[14] / tokens
+        if r.group_size > 1:
+            out["flat_groups"] = s[15] / max(s[16], 1.0)
     if gold is not None:
         out["gold_reward"] = s[11] / count
     return out

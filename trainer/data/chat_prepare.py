@@ -26,12 +26,12 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from trainer.data import chat_embedded
-from trainer.data.corpus import TASKS
+from trainer.data.corpus import TASKS, gold_answer, parse_prompt
 from trainer.data.chat import Message, prompt_ids, response_ids, tokenize_conversation, truncate
 from trainer.data.gpt_dataset import split_documents
 from trainer.data.indexed import atomic_write
 from trainer.data.packing import ChatSample, build_packed, build_padded, fit_samples, pack
-from trainer.data.readers import PreferencePair, read_conversations, read_pairs
+from trainer.data.readers import PreferencePair, PromptItem, read_conversations, read_pairs, read_prompts
 from trainer.data.tokenizer import Tokenizer, canonical_name, find_tokenizer
 from trainer.stages import STAGE_DATA
 
@@ -91,6 +91,8 @@ def prompts(cfg: Any, split: str = "eval") -> list[list[Message]]:
         return chat_embedded.eval_prompts(int(emb.num_prompts), int(emb.seed), _families(emb), str(emb.eval_tasks))
     if fmt in PAIR_FORMATS:
         return [p.prompt for p in read_pairs(fmt, str(cfg.data.path))]
+    if fmt == "prompts":
+        return [p for p, _ in read_prompts(str(cfg.data.path))]
     found = []
     for conv in conversations(cfg):
         last = max(i for i, m in enumerate(conv) if m.role == "assistant")
@@ -288,16 +290,35 @@ def prepare_prompts(ctx: Any, limit: int = 0, split: str = "eval") -> tuple[Path
     return _fix_tokenizer(ctx, found), found
 
 
-def prepare_rl_prompts(ctx: Any) -> tuple[Path, list[list[Message]], list[list[Message]]]:
-    """(tokenizer path, training prompts, evaluation prompts) for PPO and A2C. Embedded:
-    training tasks and held-out ones (data.embedded.num_prompts); a file: its prompts split
-    by data.eval_fraction (evaluation capped at data.embedded.num_prompts)."""
+def embedded_metadata(prompt: list[Message]) -> dict[str, Any]:
+    """The fields an embedded prompt carries for reward functions: its task family and the
+    reference answer (what the gold verifier checks; "answer" is what `math` reads)."""
+    user = [m.content for m in prompt if m.role == "user"][-1]
+    family, _ = parse_prompt(user)
+    return {"family": family.name, "answer": gold_answer(user)}
+
+
+def rl_prompt_items(cfg: Any, split: str = "train") -> list[PromptItem]:
+    """Prompts with their per-prompt fields: the embedded world's (family, answer), a
+    "prompts" file's extra columns, none for the other formats."""
+    if str(cfg.data.format) == "prompts":
+        return read_prompts(str(cfg.data.path))
+    found = prompts(cfg, split)
+    if str(cfg.data.format) == "embedded":
+        return [(p, embedded_metadata(p)) for p in found]
+    return [(p, {}) for p in found]
+
+
+def prepare_rl_prompts(ctx: Any) -> tuple[Path, list[PromptItem], list[PromptItem]]:
+    """(tokenizer path, training prompts, evaluation prompts), each with its fields, for the
+    RL stages. Embedded: training tasks and held-out ones (data.embedded.num_prompts); a file:
+    its prompts split by data.eval_fraction (evaluation capped at data.embedded.num_prompts)."""
     cfg = ctx.cfg
     if str(cfg.data.format) == "embedded":
-        train, evals = prompts(cfg, "train"), prompts(cfg, "eval")
+        train, evals = rl_prompt_items(cfg, "train"), rl_prompt_items(cfg, "eval")
     else:
-        found = prompts(cfg, "train")
+        found = rl_prompt_items(cfg, "train")
         train_idx, eval_idx = _split(len(found), cfg)
         train = [found[int(i)] for i in train_idx]
         evals = [found[int(i)] for i in eval_idx][:int(cfg.data.embedded.num_prompts)]
-    return _fix_tokenizer(ctx, train + evals), train, evals
+    return _fix_tokenizer(ctx, [p for p, _ in train + evals]), train, evals

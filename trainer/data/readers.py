@@ -13,6 +13,10 @@ Formats (one JSON object a line unless said otherwise):
     hh_rlhf     {"chosen": str, "rejected": str}, each a whole "\\n\\nHuman: ...\\n\\nAssistant: ..."
                 dialogue; the two share everything up to the last Assistant turn
     preference  {"prompt": str | [messages], "chosen": str, "rejected": str}
+    prompts     {"prompt": str | [messages]} or {"messages": [messages]}, plus any other fields
+                (a reference "answer", a task family ...) that RL reward functions read; a
+                "messages" list ending with an assistant turn gives the prompt before it
+                (the reply is kept as the field "completion")
 
 HH-RLHF rule for odd records. Broken structure (bad JSON, missing keys, text that is not a
 Human/Assistant dialogue) is always an error. Records that are well formed but carry no usable
@@ -282,6 +286,34 @@ def read_hh_rlhf(path: str | Path, strict: bool = False) -> list[PreferencePair]
 
 def _chosen_conversations(pairs: list[PreferencePair]) -> list[list[Message]]:
     return [p.prompt + [Message(ASSISTANT, p.chosen)] for p in pairs]
+
+
+PromptItem = tuple[list[Message], dict[str, Any]]  # (prompt ending with a user turn, its other fields)
+
+
+def _parse_prompt_record(rec: Any) -> PromptItem:
+    obj = _obj(rec)
+    if "prompt" in obj:
+        value = obj["prompt"]
+        prompt = [Message("user", _text(obj, "prompt"))] if isinstance(value, str) else _messages(value, "prompt")
+        key = "prompt"
+    elif "messages" in obj:
+        prompt, key = _messages(obj["messages"], "messages"), "messages"
+    else:
+        raise _Bad(f"needs \"prompt\" or \"messages\" (keys: {sorted(obj)})")
+    fields = {k: v for k, v in obj.items() if k != key}
+    if prompt[-1].role == ASSISTANT:
+        fields.setdefault("completion", prompt[-1].content)
+        prompt = prompt[:-1]
+    if not prompt or prompt[-1].role != "user":
+        raise _Bad(f"{key!r} must end with a user turn (or a user turn and its assistant reply)")
+    return prompt, fields
+
+
+def read_prompts(path: str | Path) -> list[PromptItem]:
+    """RL prompts with their per-prompt fields (format "prompts"): JSONL or a JSON list."""
+    p, records = _records(path, allow_list=True)
+    return [item for _, item in _located(p, records, _parse_prompt_record)]
 
 
 READERS: dict[str, Callable[[str | Path], list[Any]]] = {

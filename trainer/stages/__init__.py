@@ -17,22 +17,33 @@ STAGES: dict[str, str] = {
     "rejection_sampling": "trainer.stages.best_of_n:RejectionSamplingStage",
     "ppo": "trainer.stages.ppo:PPOStage",
     "a2c": "trainer.stages.ppo:A2CStage",
+    # The critic-free group methods: the same RL stage, preset by conf/stage/<name>.yaml.
+    "grpo": "trainer.stages.ppo:PPOStage",
+    "dr_grpo": "trainer.stages.ppo:PPOStage",
+    "rloo": "trainer.stages.ppo:PPOStage",
+    "reinforce_pp": "trainer.stages.ppo:PPOStage",
     "eval": "trainer.stages.evaluate:EvalJob",
 }
 
 # The data formats each stage reads (data.format); the launcher checks them before a run.
 _CHATS = ("embedded", "chatml", "alpaca", "hh_rlhf", "preference")
 _PAIRS = ("embedded", "hh_rlhf", "preference")
+# RL prompts: any prompt source, and "prompts" files whose extra fields reach the rewards.
+_PROMPTS = _CHATS + ("prompts",)
 STAGE_DATA: dict[str, tuple[str, ...]] = {
     "tokenizer": ("embedded", "text"),
     "pretrain": ("embedded", "text"),
     "sft": _CHATS,
     "rm": _PAIRS,
     "dpo": _PAIRS,
-    "best_of_n": _CHATS,
     "rejection_sampling": _CHATS,
-    "ppo": _CHATS,
-    "a2c": _CHATS,
+    "ppo": _PROMPTS,
+    "a2c": _PROMPTS,
+    "grpo": _PROMPTS,
+    "dr_grpo": _PROMPTS,
+    "rloo": _PROMPTS,
+    "reinforce_pp": _PROMPTS,
+    "best_of_n": _CHATS + ("prompts",),
     "eval": _CHATS,
 }
 # The model head each stage trains or runs.
@@ -42,16 +53,34 @@ STAGE_HEAD: dict[str, str] = {"rm": "scalar"}
 # and reward model, assumed the same size), more models trained beside it (the PPO/A2C
 # critic, with its optimizer) and whether the stage trains at all.
 ROWS_PER_SAMPLE: dict[str, int] = {"rm": 2, "dpo": 2}
-FROZEN_MODELS: dict[str, int] = {"eval": 2, "dpo": 1, "best_of_n": 2, "rejection_sampling": 2, "ppo": 2, "a2c": 2}
+# RL stages: the reference and the reward model at most (the launcher's plan counts what the
+# config builds: trainer.config.CRITIC_ESTIMATORS, ppo.kl_coef, ppo.reward_funcs).
+FROZEN_MODELS: dict[str, int] = {"eval": 2, "dpo": 1, "best_of_n": 2, "rejection_sampling": 2, "ppo": 2, "a2c": 2,
+                                 "grpo": 2, "dr_grpo": 2, "rloo": 2, "reinforce_pp": 2}
 EXTRA_TRAINED_MODELS: dict[str, int] = {"ppo": 1, "a2c": 1}
 # With LoRA (lora.rank > 0) these stages' frozen reference is the policy's own base with its
 # adapters switched off: one frozen model fewer (parallel.lora.WithoutAdapters).
-LORA_SHARED_REFERENCE: tuple[str, ...] = ("dpo", "ppo", "a2c")
+LORA_SHARED_REFERENCE: tuple[str, ...] = ("dpo", "ppo", "a2c", "grpo", "dr_grpo", "rloo", "reinforce_pp")
 NO_TRAINING: tuple[str, ...] = ("tokenizer", "best_of_n", "eval")
 # Stages that sample from a policy and score with a reward model: both checkpoints needed.
 SAMPLING_STAGES: tuple[str, ...] = ("best_of_n", "rejection_sampling")
-# RLHF stages: a policy (ckpt.load) optimised against a reward model (ppo.reward).
-RL_STAGES: tuple[str, ...] = ("ppo", "a2c")
+# RL stages: a policy (ckpt.load) optimised against reward sources (ppo.reward_funcs).
+RL_STAGES: tuple[str, ...] = ("ppo", "a2c", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+
+
+def model_counts(cfg: Any) -> tuple[int, int]:
+    """(frozen models, trained models besides the policy) a run of `cfg` builds: for an RL
+    stage, what its ppo.* settings need (a critic for gae only; a reference unless
+    ppo.kl_coef=0; the reward model when a source or the critic's start needs it)."""
+    stage = str(cfg.stage.name)
+    if stage not in RL_STAGES:
+        return FROZEN_MODELS.get(stage, 0), EXTRA_TRAINED_MODELS.get(stage, 0)
+    from trainer.config import CRITIC_ESTIMATORS
+
+    ppo = cfg.ppo
+    critic = str(ppo.advantage_estimator) in CRITIC_ESTIMATORS
+    reward_model = "rm" in [str(x) for x in ppo.reward_funcs] or (critic and str(ppo.critic_init) == "reward")
+    return int(float(ppo.kl_coef) > 0) + int(reward_model), int(critic)
 
 
 def build_stage(ctx: Any) -> Any:
