@@ -25,18 +25,13 @@ from tests.dist.test_equivalence import _merge
 
 pytestmark = pytest.mark.dist
 
-MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 96}
+from tests.dist.conftest import RL_MODEL as MODEL
 TIMING = ("generation_s", "forward_s", "train_s", "generation_share", "tokens_per_s", "step_time_s", "elapsed")
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("sft")
-    run_trainer(run, {"logger": "none", "seed": 5, "stage": {"name": "sft"}, "model": MODEL,
-                      "tokenizer": {"vocab_size": 384},
-                      "train": {"steps": 150, "global_batch": 16, "micro_batch": 8, "eval_every": 0},
-                      "optim": {"lr": 3e-3, "warmup_steps": 5}, "data": {"embedded": {"num_chats": 2000}}})
-    return run
+def sft(rl_sft: Path) -> Path:
+    return rl_sft
 
 
 @pytest.fixture(scope="module")
