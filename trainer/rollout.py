@@ -275,7 +275,8 @@ def dp_sum(values: torch.Tensor, group: Any) -> torch.Tensor:
 
 
 def rollout_metrics(r: Rollout, dp_group: Any, gold: Optional[list[float]] = None) -> dict[str, float]:
-    """Means over the whole rollout (all DP ranks): reward (score), kl (per sequence,
+    """Means over the whole rollout (all DP ranks): reward (the weighted sources before
+    normalisation and clipping; the penalty for a missing EOS included), kl (per sequence,
     sum_t log pi - log pi_ref), entropy (per token), response_length, finished, the raw
     score of every reward source (reward_<key>), and the gold reward where the data has
     one. With a critic: value, return, explained_variance = 1 - Var(R - V) / Var(R) over
@@ -290,9 +291,10 @@ def rollout_metrics(r: Rollout, dp_group: Any, gold: Optional[list[float]] = Non
     adv = (r.advantages.double() * mask) if r.advantages.numel() else torch.zeros_like(mask)
     groups = r.score.double().view(-1, r.group_size)
     flat = float(((groups.max(-1).values - groups.min(-1).values) <= 1e-9).sum()) if r.group_size > 1 else 0.0
-    keys = sorted(r.sources)
+    keys = sorted(k for k in r.sources if k != "reward_raw")
+    raw = r.sources.get("reward_raw", r.score)  # the reward before ppo.reward_norm / reward_clip
     sums = torch.tensor([
-        n, float(r.score.double().sum()), float(((r.logp - r.ref_logp).double() * mask).sum()),
+        n, float(raw.double().sum()), float(((r.logp - r.ref_logp).double() * mask).sum()),
         float(mask.sum()), float((r.entropy.double() * mask).sum()), float(sum(r.finished)),
         float((r.values.double() * mask).sum()), float(ret.sum()), float((ret * ret).sum()),
         float(err.sum()), float((err * err).sum()), float(sum(gold) if gold else 0.0),

@@ -256,6 +256,7 @@ class PPOStage(Stage):
         (rows, responses, finished, score, parts), stats = self.collect(step)
         collected = time.perf_counter()
         reward = self.reward.post(score, self._dp_sum)
+        parts["reward_raw"] = score.float()  # logged as "reward": before normalisation and clipping
         ids = [self.train_ids[i] for i in rows]
         rollout = self.rollouts.score(ids, responses, finished, (reward, parts))
         rollout.prompt_index, rollout.group_size = rows, self.group
@@ -351,10 +352,13 @@ class PPOStage(Stage):
         evaluation samples the same way): eval_reward (the weighted sources, before
         normalisation), eval_kl, eval_response_length, eval_gold_reward."""
         topo = self.ctx.topo
-        mine = list(range(topo.dp_rank, len(self.eval_ids), topo.dp))
+        # A contiguous share per DP rank, its draws keyed by the row: the same responses in
+        # any layout (when sampling.batch divides the share).
+        per = -(-len(self.eval_ids) // topo.dp)
+        mine = list(range(topo.dp_rank * per, min(len(self.eval_ids), (topo.dp_rank + 1) * per)))
         prompts = [self.eval_ids[i] for i in mine]
         items = [self.eval_items[i] for i in mine]
-        responses, finished = self.rollouts.sample(prompts, self._seed(3, topo.dp_rank))
+        responses, finished = self.rollouts.sample(prompts, self._seed(3, 0), offset=topo.dp_rank * per)
         score, parts = self.reward(self._samples(items, prompts, responses, finished))
         rollout = self.rollouts.score(prompts, responses, finished, (score.float(), parts))
         gold = self._gold([p for p, _ in items], responses)
