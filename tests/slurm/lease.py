@@ -5,8 +5,9 @@ stops it (`slurm/stop.sh`) if a test session started it: a cluster someone start
 (or `.ci/run`) is left running. Several pytest sessions can share the cluster (several people
 on one machine): each registers its pid under `<base>/test-sessions/`, and only the last live
 one stops it, so a session never pulls the cluster from under another's running tests. A
-marker file records that a test session started the cluster; a session that crashed leaves
-the marker and its dead pid, and the next session to end stops the cluster it left.
+marker file records that a test session started the cluster (and its slurmctld's pid); a
+session that crashed leaves the marker and its dead pid, and the next session to end stops the
+cluster it left, unless someone restarted it by hand meanwhile (another slurmctld).
 """
 from __future__ import annotations
 
@@ -71,6 +72,13 @@ class ClusterLease:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
+    def _ctld(self) -> str:
+        """The pid in slurmctld's pid file ("" when there is none): which cluster runs."""
+        try:
+            return (self.base / "pids" / "slurmctld.pid").read_text().strip()
+        except OSError:
+            return ""
+
     def _others(self) -> list[int]:
         """The other live sessions; dead ones' files are removed."""
         others = []
@@ -88,11 +96,13 @@ class ClusterLease:
         """Register this session and start the cluster (start.sh only starts what is not
         running). Returns start's result; the caller asserts on it."""
         with self._locked():
-            if not live_daemons(self.base):
-                self._marker.touch()  # nothing runs: this start is a test session's
+            fresh = not live_daemons(self.base)
             (self._sessions / str(self.session)).touch()
-            return subprocess.run(list(self.start), capture_output=True, text=True,
+            proc = subprocess.run(list(self.start), capture_output=True, text=True,
                                   timeout=self.timeout)
+            if fresh:  # nothing ran: this start is a test session's (a failed one too)
+                self._marker.write_text(self._ctld())
+            return proc
 
     def release(self) -> bool:
         """Unregister; stop the cluster if a test session started it and no other live session
@@ -100,6 +110,9 @@ class ClusterLease:
         with self._locked():
             (self._sessions / str(self.session)).unlink(missing_ok=True)
             if not self._marker.exists() or self._others():
+                return False
+            if self._marker.read_text() != self._ctld():  # restarted by hand since: theirs
+                self._marker.unlink()
                 return False
             proc = subprocess.run(list(self.stop), capture_output=True, text=True,
                                   timeout=self.timeout)

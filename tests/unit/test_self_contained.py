@@ -1,9 +1,9 @@
 """The repository is self-contained: no file refers to a directory beside the clone.
 
 A user's clone, a fork's CI or a packager has nothing next to the repository, so a test, doc,
-tool or CI script that reads a `shared` directory next to the clone (or builds that path) breaks for them while passing
-on the development machine. The forbidden strings are built by concatenation so that this
-file does not match itself.
+tool or CI script that reads a `shared` directory next to the clone (or builds that path)
+breaks for them while passing on the development machine. The forbidden strings are built
+by concatenation so that this file does not match itself.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ FORBIDDEN = [
     re.compile(r"(?<![\w/])" + SIBLING + "/" + "data"),            # the name slash data, relative
 ]
 # Never part of the project: local environments and outputs (.gitignore'd too).
-SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "runs", "outputs", "multirun", "wandb"}
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", "runs", "outputs", "multirun",
+             "wandb"}
 
 
 def sibling_references(text: str) -> list[str]:
@@ -33,9 +34,10 @@ def project_files(root: Path) -> list[Path]:
     """Tracked and new (not ignored) files of a git checkout; every file outside the skipped
     directories when there is no git (an unpacked source archive)."""
     if (root / ".git").exists():
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=root, capture_output=True, check=True).stdout
-        return [root / name for name in out.decode().split("\0") if name and (root / name).is_file()]
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                              "--exclude-standard"], cwd=root, capture_output=True, check=True)
+        names = out.stdout.decode().split("\0")
+        return [root / name for name in names if name and (root / name).is_file()]
     files = []
     for here, dirs, names in os.walk(root):
         dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")]

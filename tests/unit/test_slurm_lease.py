@@ -24,9 +24,12 @@ def daemon() -> Iterator[subprocess.Popen]:
 
 def _lease(base: Path, daemon: subprocess.Popen, session: int) -> ClusterLease:
     pids, log = base / "pids", base / "calls.log"
-    start = f"mkdir -p {pids} && echo {daemon.pid} > {pids}/slurmctld.pid && echo start >> {log}"
+    ctld = pids / "slurmctld.pid"  # like start.sh, starts only what does not run
+    start = (f"mkdir -p {pids} && {{ [ -s {ctld} ] || echo {daemon.pid} > {ctld}; }} "
+             f"&& echo start >> {log}")
     stop = f"rm -f {pids}/*.pid && echo stop >> {log}"
-    return ClusterLease(base, start=("bash", "-c", start), stop=("bash", "-c", stop), session=session)
+    return ClusterLease(base, start=("bash", "-c", start), stop=("bash", "-c", stop),
+                        session=session)
 
 
 def _calls(base: Path) -> list[str]:
@@ -50,7 +53,8 @@ def test_live_daemons_reads_pid_files(tmp_path: Path, daemon: subprocess.Popen) 
     assert pid_alive(daemon.pid) and not pid_alive(_dead_pid())
 
 
-def test_a_session_that_started_the_cluster_stops_it(tmp_path: Path, daemon: subprocess.Popen) -> None:
+def test_a_session_that_started_the_cluster_stops_it(tmp_path: Path,
+                                                     daemon: subprocess.Popen) -> None:
     lease = _lease(tmp_path, daemon, session=daemon.pid)
     assert lease.acquire().returncode == 0
     assert live_daemons(tmp_path) == ["slurmctld"]
@@ -83,10 +87,29 @@ def test_the_last_session_out_stops_it(tmp_path: Path, daemon: subprocess.Popen)
         other.wait()
 
 
-def test_a_crashed_session_does_not_keep_it_running(tmp_path: Path, daemon: subprocess.Popen) -> None:
+def test_a_crashed_session_does_not_keep_it_running(tmp_path: Path,
+                                                    daemon: subprocess.Popen) -> None:
     crashed = _lease(tmp_path, daemon, _dead_pid())
     crashed.acquire()  # started it, then died without releasing
     later = _lease(tmp_path, daemon, daemon.pid)
     later.acquire()
     assert later.release() is True
     assert _calls(tmp_path) == ["start", "start", "stop"] and live_daemons(tmp_path) == []
+
+
+def test_a_cluster_restarted_by_hand_after_a_crash_is_left_alone(
+        tmp_path: Path, daemon: subprocess.Popen) -> None:
+    """A crashed session's marker names the slurmctld it started; someone then stopped that
+    cluster and started their own by hand: the next session must not stop theirs."""
+    crashed = _lease(tmp_path, daemon, _dead_pid())
+    crashed.acquire()
+    theirs = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (tmp_path / "pids" / "slurmctld.pid").write_text(f"{theirs.pid}\n")  # stop.sh; start.sh
+        later = _lease(tmp_path, daemon, daemon.pid)
+        later.acquire()
+        assert later.release() is False
+        assert _calls(tmp_path) == ["start", "start"] and live_daemons(tmp_path) == ["slurmctld"]
+    finally:
+        theirs.kill()
+        theirs.wait()
