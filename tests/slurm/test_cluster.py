@@ -46,7 +46,8 @@ def test_a_session_stops_the_cluster_it_started_and_leaves_a_running_one_alone()
     nothing and must leave nothing running; the second finds a cluster started by hand and
     must leave its daemons (the same processes) running."""
     base = Path(tempfile.mkdtemp(prefix="cfslurm-life-", dir="/tmp"))  # short: socket paths
-    env = {**os.environ, "CHATFORGE_SLURM_DIR": str(base), "CHATFORGE_SLURM_NS": "cflife",
+    ns = f"cfl{os.getpid() % 100000}"  # two suites at once get two (veth names: <= 15 chars)
+    env = {**os.environ, "CHATFORGE_SLURM_DIR": str(base), "CHATFORGE_SLURM_NS": ns,
            "CHATFORGE_SLURM_NET": "10.201.0", "CHATFORGE_SLURM_NODES": "2"}
     env.pop("SLURM_CONF", None)
     script = {name: str(REPO / "slurm" / f"{name}.sh") for name in ("start", "stop")}
