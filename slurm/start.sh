@@ -9,7 +9,7 @@
 #   bash slurm/stop.sh             # stops only what this script started
 #
 # Needs root (namespaces, apt). Everything lives under CHATFORGE_SLURM_DIR. Facts behind the
-# choices below: ../shared/notes/slurm-dev-cluster.md (e.g. why slurmd is started with
+# choices below: docs/slurm.md, "Why it is built this way" (e.g. why slurmd is started with
 # nsenter+unshare and not `ip netns exec`).
 set -euo pipefail
 

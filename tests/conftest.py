@@ -1,4 +1,4 @@
-"""Shared test helpers: where the repo and the shared data live, and how to run the trainer
+"""Shared test helpers: where the repo and its test data live, and how to run the trainer
 as several local processes (the launcher's own process spawner, gloo on CPU)."""
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Small real data sets (tests/data/README.md: origin, size, licence), inside the repository
+# so that any clone runs every test.
+DATA = REPO / "tests" / "data"
 
 
 def write_config(run_dir: Path, overrides: dict[str, Any]) -> Path:
@@ -47,8 +49,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared test data not found at {SHARED_DATA}")
-    return SHARED_DATA
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.fail(f"test data not found at {DATA} (tests/data/ is part of the repository)")
+    return DATA

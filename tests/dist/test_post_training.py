@@ -99,12 +99,12 @@ def test_reward_model_learns_a_learnable_preference(tmp_path: Path) -> None:
     assert final["eval_margin"] > 0.5, final
 
 
-def test_reward_model_on_hh_rlhf(shared_data: Path, tmp_path: Path) -> None:
+def test_reward_model_on_hh_rlhf(data_dir: Path, tmp_path: Path) -> None:
     """The real pairs: read (1794 of 1800 lines usable), truncated to the context, trained
     a few steps; the stage reports accuracy."""
     records = run_trainer(tmp_path, {
         "logger": "none", "stage": {"name": "rm"}, "model": {**MODEL, "head": "scalar"},
-        "tokenizer": {"vocab_size": 512}, "data": {"format": "hh_rlhf", "path": str(shared_data / "hh_rlhf_harmless.jsonl")},
+        "tokenizer": {"vocab_size": 512}, "data": {"format": "hh_rlhf", "path": str(data_dir / "hh_rlhf_harmless.jsonl")},
         "train": {"steps": 3, "eval_every": 3, "eval_batches": 1},
     })
     assert 0.0 <= records[-1]["eval_accuracy"] <= 1.0

@@ -10,10 +10,10 @@ from tests.conftest import run_trainer
 pytestmark = pytest.mark.dist
 
 
-def test_pretraining_on_tinyshakespeare_lowers_eval_loss(tmp_path: Path, shared_data: Path) -> None:
+def test_pretraining_on_tinyshakespeare_lowers_eval_loss(tmp_path: Path, data_dir: Path) -> None:
     records = run_trainer(tmp_path, {
         "logger": "none",
-        "data": {"format": "text", "path": str(shared_data / "tinyshakespeare.txt")},
+        "data": {"format": "text", "path": str(data_dir / "tinyshakespeare.txt")},
         "tokenizer": {"vocab_size": 512},
         "model": {"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "seq_length": 128},
         "train": {"steps": 120, "global_batch": 8, "micro_batch": 4, "eval_every": 60,

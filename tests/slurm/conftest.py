@@ -1,8 +1,10 @@
 """The real Slurm dev cluster (slurm/start.sh) for the tests in this directory.
 
 Started here when it is not running (idempotent, ~1 s when it is), so these tests run, not
-skip, wherever the machine allows root and namespaces; nothing mocks sbatch. Every test in
-this directory is marked `slurm`.
+skip, wherever the machine allows root and namespaces; nothing mocks sbatch. Stopped again when
+the session ends if a test session started it and no other session still uses it; a cluster
+that was already running (started by hand or by `.ci/run`) is left alone (tests/slurm/lease.py).
+Every test in this directory is marked `slurm`.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+from tests.slurm.lease import ClusterLease
 
 REPO = Path(__file__).resolve().parents[2]
 CHATFORGE = Path(sys.executable).parent / "chatforge"
@@ -31,21 +35,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Environment for client commands: the cluster's wrappers first on PATH, and a private
-    job index. Starts the cluster if needed."""
-    proc = subprocess.run(["bash", str(REPO / "slurm" / "start.sh")], capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, f"slurm/start.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    job index. Starts the cluster if needed; stops it at the end if this session started it."""
+    lease = ClusterLease(BASE)
+    proc = lease.acquire()
     env = {"PATH": f"{BASE / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}",
            "SLURM_CONF": str(BASE / "etc" / "slurm.conf"),
            "CHATFORGE_HOME": str(tmp_path_factory.mktemp("chatforge-home"))}
     saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)  # for launcher code called in this process (submitit, states)
-    yield {**os.environ, **env}
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    try:
+        assert proc.returncode == 0, f"slurm/start.sh failed:\n{proc.stdout}\n{proc.stderr}"
+        os.environ.update(env)  # for launcher code called in this process (submitit, states)
+        yield {**os.environ, **env}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        lease.release()
 
 
 def chatforge(args: list[str], env: dict[str, str], cwd: Path,

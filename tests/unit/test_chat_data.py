@@ -243,8 +243,8 @@ def test_packed_attention_equals_attention_per_sample() -> None:
         start += n
 
 
-def test_real_hh_dialogues_fit_and_pack(tok: Tokenizer, shared_data: Path) -> None:
-    pairs = read_hh_rlhf(shared_data / "hh_rlhf_harmless.jsonl")[:150]
+def test_real_hh_dialogues_fit_and_pack(tok: Tokenizer, data_dir: Path) -> None:
+    pairs = read_hh_rlhf(data_dir / "hh_rlhf_harmless.jsonl")[:150]
     convs = [p.prompt + [Message("assistant", p.chosen)] for p in pairs]
     seq = 256
     samples, counts = fit_samples(_samples(tok, convs), seq, "truncate")

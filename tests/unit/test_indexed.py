@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import DATA
 from tools.preprocess import iter_documents, main, preprocess_text
 from tools.tokenizer import train_tokenizer
 from trainer.data.indexed import IndexedTokens, indexed_exists, write_indexed
 from trainer.data.tokenizer import Tokenizer
 
-SHAKESPEARE = Path(__file__).parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = DATA / "tinyshakespeare.txt"
 
 
 def _docs(seed: int, n: int, vocab: int) -> list[list[int]]:

@@ -1,4 +1,4 @@
-"""Chat and preference data readers (trainer/data/readers.py): the real shared files parse
+"""Chat and preference data readers (trainer/data/readers.py): the real files in tests/data parse
 completely, and malformed records are reported as `file:line: what is wrong`."""
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from trainer.data.readers import (
 )
 
 HH_LINES = 1800
-# The odd records of the shared HH slice (see the rule in readers.py's module doc).
+# The odd records of the HH slice in tests/data (see the rule in readers.py's module doc).
 HH_SKIPPED = {"empty_reply": [87, 517, 926, 1104], "prefix_mismatch": [1255, 1689]}
 
 
@@ -41,10 +41,10 @@ def _hh(chosen: str, rejected: str) -> dict[str, str]:
     return {"chosen": chosen, "rejected": rejected}
 
 
-# ---- the real shared files ------------------------------------------------------------------
+# ---- the real files (tests/data) -----------------------------------------------------------------
 
-def test_every_hh_line_parses(shared_data: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = shared_data / "hh_rlhf_harmless.jsonl"
+def test_every_hh_line_parses(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = data_dir / "hh_rlhf_harmless.jsonl"
     assert len(path.read_text(encoding="utf-8").splitlines()) == HH_LINES
     pairs, skipped = read_hh_rlhf_report(path)
     assert skipped == HH_SKIPPED
@@ -61,15 +61,15 @@ def test_every_hh_line_parses(shared_data: Path, caplog: pytest.LogCaptureFixtur
         read_hh_rlhf(path, strict=True)
 
 
-def test_hh_first_pair_content(shared_data: Path) -> None:
-    first = read_hh_rlhf(shared_data / "hh_rlhf_harmless.jsonl")[0]
+def test_hh_first_pair_content(data_dir: Path) -> None:
+    first = read_hh_rlhf(data_dir / "hh_rlhf_harmless.jsonl")[0]
     assert first.prompt[0] == Message("user", "what are some pranks with a pen i can do?")
     assert first.prompt[1] == Message("assistant", "Are you looking for practical joke ideas?")
     assert first.chosen.startswith("No, sorry!")
 
 
-def test_every_alpaca_seed_task_parses(shared_data: Path) -> None:
-    path = shared_data / "alpaca_seed_tasks.jsonl"
+def test_every_alpaca_seed_task_parses(data_dir: Path) -> None:
+    path = data_dir / "alpaca_seed_tasks.jsonl"
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     convs = read_alpaca(path)
     assert len(records) == 175
@@ -81,8 +81,8 @@ def test_every_alpaca_seed_task_parses(shared_data: Path) -> None:
     assert read_conversations("alpaca", path) == convs
 
 
-def test_conversation_and_pair_dispatch(shared_data: Path) -> None:
-    path = shared_data / "hh_rlhf_harmless.jsonl"
+def test_conversation_and_pair_dispatch(data_dir: Path) -> None:
+    path = data_dir / "hh_rlhf_harmless.jsonl"
     pairs = read_pairs("hh_rlhf", path)
     convs = read_conversations("hh_rlhf", path)  # SFT on the chosen dialogues
     assert convs[0] == pairs[0].prompt + [Message("assistant", pairs[0].chosen)]

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import DATA
 from tools.tokenizer import MIN_VOCAB_SIZE, main, train_tokenizer
 from trainer.data.tokenizer import EOD_PIECE, IM_END, IM_START, PAD_PIECE, Tokenizer
 
-DATA = Path(__file__).parents[2].parent / "shared" / "data"
 SHAKESPEARE = DATA / "tinyshakespeare.txt"
 
 

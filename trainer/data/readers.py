@@ -23,7 +23,8 @@ Human/Assistant dialogue) is always an error. Records that are well formed but c
 preference are known to occur in the public dumps (an empty final reply, identical replies,
 or a "Human:" glued into a turn so that the two dialogues no longer share their prefix);
 by default they are skipped, counted and logged once per file; `strict=True` raises instead.
-The shared 1,800-line test slice gives 1,794 pairs (4 empty final replies, 2 prefix mismatches).
+The 1,800-line test slice in tests/data/ gives 1,794 pairs (4 empty final replies, 2 prefix
+mismatches).
 """
 from __future__ import annotations
 
