@@ -1,7 +1,8 @@
 """One PPO iteration against the sum of its phases run alone, in one process (not a test).
 
-    python -m tools.bench.ppo_iteration [--model tiny|small --stage ppo|a2c --iterations 7
-        --warmup 2 --threads 1 --work-dir DIR --out FILE.json]
+    python -m tools.bench.ppo_iteration [--model tiny|small --stage ppo|a2c|grpo|rloo|reinforce_pp
+        --rollout-batch 16 --samples 1 --epochs 2 --iterations 7 --warmup 2 --threads 1
+        --work-dir DIR --out FILE.json]
     (--layers/--hidden/--heads/--seq/--vocab override the preset's shape)
 
 Preparation (untimed). The trainer itself (`python -m trainer <run>/config.yaml` through
@@ -13,8 +14,10 @@ directory or --work-dir:
 With --work-dir, a run whose config is unchanged and which has a checkpoint is reused.
 
 Measurement. In this process (world size 1, gloo on CPU; any RANK/WORLD_SIZE/SLURM_* of
-the caller is removed so trainer.runtime.start starts a single rank) a PPOStage is built from
-stage.name=ppo (or --stage a2c), ckpt.load=<sft>, ppo.reward=<rm>, ppo.rollout_batch=16,
+the caller is removed so trainer.runtime.start starts a single rank) the RL stage is built from
+stage.name=ppo (or --stage: a2c, or a critic-free method with its preset's loss settings,
+METHODS), ckpt.load=<sft>, ppo.reward=<rm> (the only reward source), ppo.rollout_batch=16
+(--rollout-batch) prompts x --samples responses, ppo.epochs=--epochs,
 sampling.max_new_tokens=24, sampling.batch=16, train.global_batch=8, train.micro_batch=4,
 logger=none (the actor's weights are loaded from <sft> as the training loop does). Then
 --warmup untimed iterations, then --iterations rounds. Each round measures, on the same
@@ -23,9 +26,10 @@ stage object:
              metrics, the update (what the training loop times as step_time_s);
   phases     the same work with a clock around each phase, nothing else in the timers
              (taking the prompts, the seed and the list building stay outside them):
-               generation  stage.rollouts.sample (the actor with the KV cache)
-               forwards    stage.rollouts.score (actor, reference, critic, reward model)
-               advantages  trainer.rollout.add_advantages + the gold reward + rollout_metrics
+               generation  stage.collect: sampling with the actor's KV cache, then the
+                           reward sources (the reward model's forward)
+               forwards    stage.score_rollout (actor, reference, critic)
+               advantages  trainer.advantages.add_advantages + the gold reward + rollout_metrics
                training    stage._update (PPO: ppo.epochs x rollout/global_batch optimizer
                            steps of the actor and of the critic; A2C: one of each)
 The ratio iteration / sum(phases) is taken within the round (goal <= 1.10), as are the
@@ -93,15 +97,28 @@ def rm_overrides(args: argparse.Namespace, sft: Path) -> dict[str, Any]:
             "ckpt": {"load": str(sft), "keep": 1}}
 
 
+# The critic-free methods as their conf/stage presets set them (rollout size and epochs are the
+# bench's own: --rollout-batch, --samples, --epochs).
+METHODS: dict[str, dict[str, Any]] = {
+    "ppo": {}, "a2c": {},
+    "grpo": {"advantage_estimator": "grpo", "kl_in": "loss", "kl_estimator": "k3", "kl_coef": 0.04,
+             "loss_agg": "seq_mean_token_mean"},
+    "rloo": {"advantage_estimator": "rloo"},
+    "reinforce_pp": {"advantage_estimator": "reinforce_pp", "kl_coef": 0.01},
+}
+
+
 def ppo_overrides(args: argparse.Namespace, run_dir: Path, sft: Path, rm: Path) -> dict[str, Any]:
     iterations = args.warmup + 2 * args.iterations  # train.steps: the LR schedule's length
+    method = {**METHODS[args.stage], "n_samples_per_prompt": args.samples, "rollout_batch": args.rollout_batch,
+              "epochs": args.epochs}
     return {"logger": "none", "seed": args.seed, "stage": {"name": args.stage}, "model": model_config(args),
             "run": {"dir": str(run_dir)}, "cluster": {"threads_per_proc": args.threads},
             "train": {"steps": iterations, "global_batch": 8, "micro_batch": 4, "eval_every": 0},
             "optim": {"lr": 1e-5, "warmup_steps": 0, "decay": "constant"},
             "data": {"embedded": {"prefer": "brief"}},
             "ckpt": {"load": str(sft)},
-            "ppo": {"reward": str(rm), "rollout_batch": 16},
+            "ppo": {"reward": str(rm), "reward_funcs": ["rm"], **method},
             "sampling": {"max_new_tokens": 24, "batch": 16}}
 
 
@@ -188,30 +205,26 @@ def run_iteration(stage: Any, step: int, clock: Clock) -> dict[str, Any]:
 
 def run_phases(stage: Any, step: int, clock: Clock) -> dict[str, Any]:
     """train_step's work (trainer/stages/ppo.py), one clock per phase."""
-    from trainer.rollout import add_advantages, rollout_metrics
+    from trainer.advantages import add_advantages
+    from trainer.rollout import rollout_metrics
 
-    ppo, topo = stage.cfg.ppo, stage.ctx.topo
-    index = stage._my_share(stage.prompts.take(int(ppo.rollout_batch)))
-    prompts = [stage.train_ids[i] for i in index]
-    seed = stage._seed(1, step, topo.dp_rank)
+    ppo = stage.cfg.ppo
     times: dict[str, tuple[float, float]] = {}
 
     t0 = clock.now()
-    responses, finished = stage.rollouts.sample(prompts, seed)
+    collected, _ = stage.collect(step)
     t1 = clock.now()
     times["generation"] = _minus(t1, t0)
 
     t0 = clock.now()
-    rollout = stage.rollouts.score(prompts, responses, finished, float(ppo.missing_eos_penalty))
+    rollout = stage.score_rollout(collected)
     t1 = clock.now()
     times["forwards"] = _minus(t1, t0)
-    rollout.prompt_index = index
 
     t0 = clock.now()
-    add_advantages(rollout, stage.kl.beta, float(ppo.gamma), float(ppo.lam), bool(ppo.whiten_advantages),
-                   topo.dp_group)
-    gold = stage._gold([stage.train_prompts[i] for i in index], rollout.responses)
-    metrics = rollout_metrics(rollout, topo.dp_group, gold)
+    add_advantages(rollout, stage.advantage_settings(), stage._dp_sum)
+    gold = stage._gold([stage.train_items[i][0] for i in rollout.prompt_index], rollout.responses)
+    metrics = rollout_metrics(rollout, stage.ctx.topo.dp_group, gold)
     t1 = clock.now()
     times["advantages"] = _minus(t1, t0)
 
@@ -219,9 +232,10 @@ def run_phases(stage: Any, step: int, clock: Clock) -> dict[str, Any]:
     stage._update(rollout, step)
     t1 = clock.now()
     times["training"] = _minus(t1, t0)
-    stage.kl.update(metrics["kl"], int(ppo.rollout_batch))
+    stage.kl.update(metrics["kl"], int(ppo.rollout_batch) * stage.group)
+    prompts = [stage.train_ids[i] for i in rollout.prompt_index]
     rows = len(prompts) * int(stage.cfg.model.seq_length)
-    used = sum(len(p) + len(r) for p, r in zip(prompts, responses)) / rows
+    used = sum(len(p) + len(r) for p, r in zip(prompts, rollout.responses)) / rows
     return {"wall": {k: v[0] for k, v in times.items()}, "cpu": {k: v[1] for k, v in times.items()},
             "response_length": float(metrics["response_length"]), "row_fill": used}
 
@@ -282,7 +296,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--model", choices=sorted(PRESETS), default="tiny", help="shape preset")
     for name in ("layers", "hidden", "heads", "seq", "vocab"):
         p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset")
-    p.add_argument("--stage", choices=("ppo", "a2c"), default="ppo")
+    p.add_argument("--stage", choices=sorted(METHODS), default="ppo")
+    p.add_argument("--rollout-batch", type=int, default=16, help="prompts per iteration")
+    p.add_argument("--samples", type=int, default=1, help="responses per prompt (ppo.n_samples_per_prompt)")
+    p.add_argument("--epochs", type=int, default=2, help="ppo.epochs")
     p.add_argument("--iterations", type=int, default=7, help="timed rounds (K)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the measured process")
@@ -329,6 +346,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         prep = {"sft_s": train_run(sft, sft_overrides(args), args.prep_threads),
                 "rm_s": train_run(rm, rm_overrides(args, sft), args.prep_threads)}
         print(f"[bench] prepared: sft {prep['sft_s']:.0f}s, rm {prep['rm_s']:.0f}s", flush=True)
+        import psutil
+
+        rss_before = psutil.Process().memory_info().rss
         ctx, stage = build_stage(args, base / args.stage, sft, rm)
         import torch
 
@@ -338,6 +358,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
               f"vocab {stage.tok.vocab_size}, {params / 1e6:.2f}M parameters per model; "
               f"{len(stage.train_ids)} training prompts", flush=True)
         summary = measure(args, stage)
+        import resource
+
+        # Peak resident memory of this process after the imports: the models, optimizers,
+        # KV cache and activations of the stage (CPU; on a GPU see torch.cuda.max_memory_allocated).
+        summary["stage_peak_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before) / 2**20
+        if torch.cuda.is_available():
+            summary["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         from trainer import runtime
 
         runtime.close(ctx)

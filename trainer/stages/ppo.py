@@ -250,20 +250,27 @@ class PPOStage(Stage):
         return _join(chosen), stats
 
     def make_rollout(self, step: int) -> tuple[Rollout, dict[str, float]]:
-        """Sample and score the iteration's rollout, then the forwards of actor, reference
-        and critic; the reward post-processed over the whole rollout."""
+        """Sample and score the iteration's rollout (collect), then the forwards of actor,
+        reference and critic (score_rollout)."""
         started = time.perf_counter()
-        (rows, responses, finished, score, parts), stats = self.collect(step)
-        collected = time.perf_counter()
+        collected, stats = self.collect(step)
+        done = time.perf_counter()
+        rollout = self.score_rollout(collected)
+        rollout.seconds = {"generation_s": done - started, "forward_s": time.perf_counter() - done}
+        return rollout, stats
+
+    def score_rollout(self, collected: Collected) -> Rollout:
+        """The rollout of collected rows: the reward post-processed over the whole rollout
+        (ppo.reward_norm, reward_clip), the log-probs of actor and reference, the values."""
+        rows, responses, finished, score, parts = collected
         reward = self.reward.post(score, self._dp_sum)
-        parts["reward_raw"] = score.float()  # logged as "reward": before normalisation and clipping
+        parts = {**parts, "reward_raw": score.float()}  # logged as "reward": before normalisation
         ids = [self.train_ids[i] for i in rows]
         rollout = self.rollouts.score(ids, responses, finished, (reward, parts))
         rollout.prompt_index, rollout.group_size = rows, self.group
         if bool(self.cfg.ppo.overlong_mask):
             rollout.loss_rows = torch.tensor(finished, dtype=torch.float32)
-        rollout.seconds = {"generation_s": collected - started, "forward_s": time.perf_counter() - collected}
-        return rollout, stats
+        return rollout
 
     def advantage_settings(self) -> AdvantageSettings:
         ppo = self.cfg.ppo
