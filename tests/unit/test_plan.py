@@ -135,3 +135,19 @@ def test_rl_stages_train_a_critic_in_the_memory_plan() -> None:
     assert ppo.total - sft.total == pytest.approx(trained_model + 2 * sft.weights)
     assert ppo.total > dpo.total
     assert a2c.total == pytest.approx(ppo.total)  # pp=1: one microbatch in flight either way
+
+
+def test_critic_free_methods_in_the_memory_plan() -> None:
+    """GRPO builds no critic; with the verifier as its reward no reward model; with
+    ppo.kl_coef=0 no reference: the plan counts what the config builds."""
+    rl = ("ckpt.load=/", "parallel.recompute=selective")
+    sft = memory_per_device(compose(*LLAMA_TP8, "stage=sft", "parallel.recompute=selective"))
+    ppo = memory_per_device(compose(*LLAMA_TP8, "stage=ppo", "ppo.reward=/", *rl))
+    grpo_rm = memory_per_device(compose(*LLAMA_TP8, "stage=grpo", "ppo.reward=/", *rl))
+    grpo_gold = memory_per_device(compose(*LLAMA_TP8, "stage=grpo", "ppo.reward_funcs=[gold]", *rl))
+    dr_grpo = memory_per_device(compose(*LLAMA_TP8, "stage=dr_grpo", "ppo.reward_funcs=[gold]", *rl))
+    assert (grpo_rm.trained_models, grpo_rm.frozen) == (1, pytest.approx(2 * sft.weights))
+    assert grpo_gold.frozen == pytest.approx(sft.weights)  # the reference only
+    assert dr_grpo.frozen == 0.0  # kl_coef 0: no reference either
+    trained_model = sft.weights + sft.grads + sft.optimizer
+    assert ppo.total - grpo_rm.total == pytest.approx(trained_model)  # the critic
