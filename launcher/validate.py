@@ -68,6 +68,8 @@ POSITIVE: tuple[str, ...] = (
     "train.steps",
     "train.global_batch",
     "train.micro_batch",
+    "train.max_bad_steps",
+    "train.fault.nan_grad_steps",
     "best_of_n.n",
     "sampling.max_new_tokens",
     "sampling.batch",
@@ -113,9 +115,9 @@ def _check_positive(cfg: DictConfig) -> list[ConfigError]:
     lr = _get(cfg, "optim.lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         errors.append(ConfigError("optim.lr", lr, "must be > 0"))
-    for key in ("ckpt.every", "optim.warmup_steps"):
+    for key in ("ckpt.every", "optim.warmup_steps", "train.fault.nan_grad_step", "train.fault.nan_grad_rank"):
         value = _get(cfg, key)
-        if not isinstance(value, int) or value < 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             errors.append(ConfigError(key, value, "must be an integer >= 0"))
     return errors
 
@@ -136,6 +138,9 @@ def _check_layout(cfg: DictConfig) -> list[ConfigError]:
             "cluster.nodes", nodes, "must be 1: cluster=local runs every rank on this machine"))
     errors.extend(_check_model_split(cfg.model, tp, pp))
     dp = world // (tp * pp)
+    fault_rank = _get(cfg, "train.fault.nan_grad_rank")
+    if _get(cfg, "train.fault.nan_grad_step") and isinstance(fault_rank, int) and fault_rank >= world:
+        errors.append(ConfigError("train.fault.nan_grad_rank", fault_rank, f"must be a rank < {world_text}"))
     gb, mb = cfg.train.global_batch, cfg.train.micro_batch
     if gb % (mb * dp):
         errors.append(ConfigError(

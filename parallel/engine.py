@@ -23,6 +23,7 @@ from megatron.core.transformer.module import param_is_not_shared
 
 from parallel.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig
 from parallel.groups import Topology
+from parallel.guard import NonFinite, check_world, local_grads_bad, local_loss_bad, poison
 from parallel.lora import freeze_base, lora_active
 from parallel.model import build_model
 
@@ -82,6 +83,13 @@ class Engine:
                 param.requires_grad_(False)
         self.model: list[torch.nn.Module] = [module]
         self._forward_backward = get_forward_backward_func()
+        # The non-finite guard's record (parallel/guard.py): updates skipped so far, and what
+        # the last one saw. The loop reads them; every rank holds the same values.
+        self.skipped_updates = 0
+        self.last_nonfinite: Optional[NonFinite] = None
+        # Fault injection (train.fault.*, set by the loop): while true, this rank's gradients
+        # are replaced by NaN after the backward pass of every train_step.
+        self.fault_nan_grad = False
 
     # -- construction -------------------------------------------------------------------
     def _wrap_ddp(self, module: torch.nn.Module) -> DDP:
@@ -153,6 +161,15 @@ class Engine:
         self.optimizer.zero_grad()
         stored = self._run(microbatches, step_fn, forward_only=False, seq_length=seq_length)
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step applies
+        if self.fault_nan_grad:
+            poison(self._grad_buffers())
+        # Before the optimizer touches anything: a skipped update changes no parameter, no
+        # optimizer moment, no step count and no LR schedule, on any rank.
+        nonfinite = check_world(local_loss_bad(stored), local_grads_bad(self._grad_buffers()))
+        if nonfinite is not None:
+            self.skipped_updates += 1
+            self.last_nonfinite = nonfinite
+            return StepResult(metrics=self.reduce_metrics(stored), lr=lr, skipped=True)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
@@ -163,6 +180,12 @@ class Engine:
             lr=lr,
             skipped=not ok,
         )
+
+    def _grad_buffers(self) -> list[torch.Tensor]:
+        """This rank's gradients: the DDP wrapper's contiguous grad buffers (reduced over DP
+        by the schedule's finalize_model_grads), one tensor per dtype."""
+        ddp = self.model[0]
+        return [buffer.grad_data for buffer in ddp.buffers + ddp.expert_parallel_buffers]
 
     @torch.no_grad()
     def eval_step(self, microbatches: list[dict[str, torch.Tensor]], step_fn: StepFn,

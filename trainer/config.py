@@ -81,6 +81,17 @@ class DataConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection, to test the non-finite guard (off by default): the gradients of
+    rank `nan_grad_rank` are NaN at steps nan_grad_step .. nan_grad_step + nan_grad_steps - 1
+    (1-based, as logged)."""
+
+    nan_grad_step: int = 0  # 0: off
+    nan_grad_rank: int = 0
+    nan_grad_steps: int = 1
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     global_batch: int = 8
@@ -93,6 +104,11 @@ class TrainConfig:
     # Stop (after saving) when the step count is a multiple of this, as Megatron-LM's
     # --exit-interval; rerunning the command continues. 0 disables it.
     exit_interval: int = 0
+    # The non-finite guard skips (on every rank) an update whose loss or gradients hold a
+    # NaN/Inf on any rank; this many consecutive skipped steps stop the run, unsaved, with
+    # exit code 76 (trainer/exitcodes.py). docs/checkpoints.md.
+    max_bad_steps: int = 3
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 @dataclass

@@ -4,6 +4,9 @@ EXIT_OK = 0
 # Stopped by SIGTERM/SIGUSR1 after saving a checkpoint: requeue the job and it resumes
 # (EX_TEMPFAIL from sysexits.h: "try again later").
 EXIT_REQUEUE = 75
+# Stopped by the non-finite guard: train.max_bad_steps consecutive steps had a NaN/Inf loss or
+# gradient. Nothing was saved after the last good step; requeueing would only repeat it.
+EXIT_NONFINITE = 76
 
 # Written into the run directory (atomically, by rank 0) when a run reaches its end:
 # train.steps done, or a job without steps finished. A recipe skips a step that has it.

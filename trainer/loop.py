@@ -2,11 +2,13 @@
 resume and stop requests."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 from trainer.checkpointing import Checkpointer
-from trainer.exitcodes import EXIT_OK, EXIT_REQUEUE
+from trainer.exitcodes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
+from trainer.guard import BadSteps
 from trainer.lora_checkpoint import require_lora_bases
 from trainer.metrics import MetricsLogger
 from trainer.runtime import RunContext, config_dict, mark_done
@@ -65,6 +67,28 @@ def run(ctx: RunContext, stage: Stage) -> int:
         checkpointer.close(clean=False)  # no-op after a clean run (already closed)
 
 
+def _stop_reason(cfg: Any, stops: StopRequests, done: int, total: int) -> tuple[str, bool]:
+    """Why the run stops after step `done` ("" to go on) and whether a stop signal asked."""
+    signalled, out_of_time = stops.agree()
+    interval = int(cfg.train.exit_interval)
+    if signalled:
+        return "a stop signal", True
+    if out_of_time:
+        return f"train.max_minutes={cfg.train.max_minutes}", False
+    if interval > 0 and done % interval == 0 and done < total:
+        return f"train.exit_interval={interval}", False
+    return "", False
+
+
+def _stopped_line(done: int, why: str, code: int, saved: bool) -> str:
+    """The last line of a run stopped before train.steps: what happened and what comes next.
+    Under SLURM the task wrapper requeues a signalled job (launcher/slurm_task.py)."""
+    after = ("requeued" if code == EXIT_REQUEUE and os.environ.get("SLURM_JOB_ID")
+             else "rerun the command to resume")
+    what = "saved" if saved else "not saved, its update was skipped: the last good checkpoint resumes"
+    return f"[chatforge] stopped at step {done} ({what}; {after}) by {why}"
+
+
 def _train(ctx: RunContext, stage: Stage, checkpointer: Checkpointer, start: int) -> int:
     cfg = ctx.cfg
     total, every = int(cfg.train.steps), int(cfg.ckpt.every)
@@ -73,7 +97,8 @@ def _train(ctx: RunContext, stage: Stage, checkpointer: Checkpointer, start: int
                            start_step=start)
     stops = StopRequests(float(cfg.train.max_minutes))
     stops.install()
-    code, done = EXIT_OK, start
+    bad = BadSteps(int(cfg.train.max_bad_steps), cfg.train.fault, ctx.env.rank)
+    code, done, why = EXIT_OK, start, ""
     started = time.perf_counter()
     sizes = _parameter_counts(stage)  # reported once: in this line and the first record
     share = sizes["trainable_params"] / max(sizes["total_params"], 1)
@@ -87,33 +112,44 @@ def _train(ctx: RunContext, stage: Stage, checkpointer: Checkpointer, start: int
             sizes = {}
         for step in range(start, total):
             t0 = time.perf_counter()
+            bad.before(step + 1, stage.engines())
             result = stage.train_step(step)
             seconds = time.perf_counter() - t0
             done = step + 1
+            skipped_now = bad.after(done, stage.engines())
+            if skipped_now:
+                logger.message(skipped_now)
             record = _record(done, result, seconds, stage.tokens_per_step, time.perf_counter() - started)
+            record["skipped_steps"] = bad.total
             if _should_eval(done, total, int(cfg.train.eval_every)):
                 record.update(stage.evaluate())
-            if done % max(int(cfg.train.log_every), 1) == 0 or done == total or "eval_loss" in record:
+            if (done % max(int(cfg.train.log_every), 1) == 0 or done == total or "eval_loss" in record
+                    or skipped_now):
                 logger.log({**record, **sizes}, steps_done_this_run=done - start)
                 sizes = {}
             checkpointer.poll()
-            signalled, out_of_time = stops.agree()
-            interval = int(cfg.train.exit_interval)
-            at_interval = interval > 0 and done % interval == 0 and done < total
-            if signalled or out_of_time or at_interval:
-                why = ("a stop signal" if signalled else f"train.max_minutes={cfg.train.max_minutes}"
-                       if out_of_time else f"train.exit_interval={interval}")
+            if bad.exhausted:
+                checkpointer.close()  # saves in flight are of good steps: let them finish
+                latest = checkpointer.latest()
+                logger.message(bad.stop_message(done, str(latest) if latest else None))
+                return EXIT_NONFINITE
+            why, signalled = _stop_reason(cfg, stops, done, total)
+            if why:
                 logger.message(f"[chatforge] {why}: saving step {done} and stopping")
                 code = EXIT_REQUEUE if signalled else EXIT_OK
                 break
-            if every > 0 and done % every == 0 and done < total:
+            if every > 0 and done % every == 0 and done < total and not bad.in_bad_streak:
                 checkpointer.save(done, stage.engines(), stage.state_dict())
-        # Clean end, signal or time limit: the last step is always saved.
-        checkpointer.save(done, stage.engines(), stage.state_dict())
+        # Clean end, signal or time limit: the last step is saved unless its update was
+        # skipped (then the newest checkpoint is that of the last good step).
+        if not bad.in_bad_streak:
+            checkpointer.save(done, stage.engines(), stage.state_dict())
         checkpointer.close()
         if done >= total:
             mark_done(ctx, stage.name, done)
-        logger.message(f"[chatforge] done at step {done}: {ctx.run_dir / 'metrics.jsonl'}")
+            logger.message(f"[chatforge] done at step {done}: {ctx.run_dir / 'metrics.jsonl'}")
+        else:
+            logger.message(_stopped_line(done, why, code, saved=not bad.in_bad_streak))
     finally:
         stops.uninstall()
         logger.close()

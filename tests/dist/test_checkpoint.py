@@ -53,6 +53,9 @@ def test_exact_resume_is_bitwise(tmp_path: Path, world: int, tp: int, pp: int) -
         assert a["consumed_samples"] == b["consumed_samples"] == 8 * a["step"]
     log = (tmp_path / "halves" / "logs" / "rank_0.log").read_text()
     assert "continuing at step 5" in log
+    first_attempt = log[:log.index("continuing at step 5")]
+    assert "stopped at step 5 (saved; rerun the command to resume) by train.exit_interval=5" in first_attempt
+    assert "done at step" not in first_attempt and "done at step 10" in log
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +131,16 @@ def test_stop_signal_saves_same_step_on_all_ranks_and_resumes(tmp_path: Path, ta
 
     port = free_port()
     procs: list[subprocess.Popen] = []
+    # As under SLURM's srun (the job id tells the trainer a requeue follows a signal).
+    slurm = {"SLURM_JOB_ID": "4242"} if target == "whole_group" else {}
+    out = run_dir / "rank_0.out"
     for r in range(2):
         # One process group for all ranks (and their helpers), like a SLURM job step.
         group = 0 if r == 0 else procs[0].pid
         procs.append(subprocess.Popen([sys.executable, "-m", "trainer", str(path)], cwd=REPO,
-                                      env={**env, **rank_env(r, 2, port, 1, {})}, process_group=group,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+                                      env={**env, **rank_env(r, 2, port, 1, slurm)}, process_group=group,
+                                      stdout=open(out, "wb") if r == 0 else subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE))
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -148,9 +155,14 @@ def test_stop_signal_saves_same_step_on_all_ranks_and_resumes(tmp_path: Path, ta
     stopped_at = int(latest.split("_")[1])
     assert 3 <= stopped_at < 400
     assert read_metrics(run_dir)[-1]["step"] == stopped_at
+    # The last line says what happened and what comes next, never "done".
+    after = "requeued" if slurm else "rerun the command to resume"
+    said = out.read_text()
+    assert f"stopped at step {stopped_at} (saved; {after}) by a stop signal" in said and "done at" not in said
     rerun = _config(train={"steps": stopped_at + 2})
     records = run_trainer(run_dir, rerun, world_size=2)
     assert [r["step"] for r in records][-3:] == [stopped_at, stopped_at + 1, stopped_at + 2]
+    assert f"done at step {stopped_at + 2}" in (run_dir / "logs" / "rank_0.log").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,12 @@ BAD: list[tuple[list[str], str]] = [
     (["optim.lr=0"], "optim.lr"),
     (["ckpt.every=-1"], "ckpt.every"),
     (["optim.warmup_steps=-1"], "optim.warmup_steps"),
+    # the non-finite guard and its fault injection
+    (["train.max_bad_steps=0"], "train.max_bad_steps"),
+    (["train.fault.nan_grad_step=-1"], "train.fault.nan_grad_step"),
+    (["train.fault.nan_grad_steps=0"], "train.fault.nan_grad_steps"),
+    (["train.fault.nan_grad_step=3", "train.fault.nan_grad_rank=2", "cluster.procs_per_node=2"],
+     "train.fault.nan_grad_rank"),
     # enumerations
     (["parallel.precision=fp8"], "parallel.precision"),
     (["parallel.recompute=some"], "parallel.recompute"),
