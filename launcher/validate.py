@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.head": ("lm", "scalar"),
     "parallel.precision": ("fp32", "bf16"),
     "parallel.recompute": ("none", "selective", "full"),
+    "parallel.layer_spec": ("local", "te"),
     "optim.name": ("adam", "adamw", "adam8bit"),
     "optim.decay": ("cosine", "linear", "constant"),
     "logger": ("wandb", "none"),

@@ -48,9 +48,17 @@ class ParallelConfig:
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # Parameters per DDP gradient bucket with overlap_grad_reduce (null: megatron's default,
+    # max(40M, 1M x DP)); without overlap megatron reduces one bucket after the backward.
+    ddp_bucket_size: Optional[int] = None
     precision: str = "fp32"  # fp32 | bf16 (bf16 needs a GPU)
     recompute: str = "none"  # none | selective | full
     recompute_num_layers: int = 1
+    # Which megatron layers build the GPT: "local" (megatron's local spec with SDPA core
+    # attention, parallel/layers.py; any device) or "te" (Transformer Engine's fused layers
+    # and attention: a GPU with transformer_engine installed; no LoRA; its checkpoints name
+    # the fused layer norms differently, so they load only into te runs).
+    layer_spec: str = "local"
 
 
 @dataclass

@@ -93,8 +93,12 @@ class Engine:
 
     # -- construction -------------------------------------------------------------------
     def _wrap_ddp(self, module: torch.nn.Module) -> DDP:
+        bucket = getattr(self.parallel_cfg, "ddp_bucket_size", None)  # configs from before the key lack it
+        if bucket is not None and int(bucket) < 1:
+            raise ValueError(f"parallel.ddp_bucket_size={bucket}: must be >= 1 (parameters) or null")
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
+            bucket_size=None if bucket is None else int(bucket),
             overlap_grad_reduce=self.parallel_cfg.overlap_grad_reduce,
             overlap_param_gather=self.parallel_cfg.overlap_param_gather,
             use_distributed_optimizer=self.parallel_cfg.distributed_optimizer,

@@ -124,8 +124,24 @@ class CausalMaskElision:
         return torch.equal(mask, self._triangles[key].expand_as(mask))
 
 
-def gpt_layer_spec(normalization: str) -> ModuleSpec:
-    """Megatron's local GPT layer spec with `SDPAttention` as the core attention."""
-    spec = get_gpt_layer_local_spec(normalization=normalization)
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+def gpt_layer_spec(normalization: str, layer_spec: str = "local") -> ModuleSpec:
+    """parallel.layer_spec "local": megatron's local GPT layer spec with `SDPAttention` as the
+    core attention. "te": megatron's Transformer Engine spec (fused LayerNorm+linear, TE's
+    fused/flash attention; the norm type comes from the TransformerConfig), which needs a GPU
+    and an importable transformer_engine."""
+    if layer_spec == "local":
+        spec = get_gpt_layer_local_spec(normalization=normalization)
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        return spec
+    if layer_spec != "te":
+        raise ValueError(f"parallel.layer_spec={layer_spec!r}: must be 'local' or 'te'")
+    if not torch.cuda.is_available():
+        raise ValueError("parallel.layer_spec=te: Transformer Engine needs a CUDA device; use local on CPU")
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception as exc:
+        raise ValueError(f"parallel.layer_spec=te: transformer_engine does not import ({exc}); install it "
+                         "or use parallel.layer_spec=local") from exc
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec()

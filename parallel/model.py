@@ -131,8 +131,13 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, topo: Topology,
     """This rank's stage of the GPT. `vocab_size` is the tokenizer's (padded here). With
     `lora` (rank > 0) the targeted layers get adapters (parallel/lora.py), drawn like weights."""
     config = transformer_config(model, parallel)
-    # Megatron's local layers, with fused SDPA core attention (see parallel/layers.py).
-    spec = gpt_layer_spec(model.normalization)
+    # Megatron's local layers with fused SDPA core attention, or Transformer Engine's
+    # (parallel.layer_spec; see parallel/layers.py).
+    layer_spec = str(getattr(parallel, "layer_spec", "local"))  # configs from before the key lack it
+    if layer_spec == "te" and lora_active(lora):
+        raise ValueError("parallel.layer_spec=te with lora.rank > 0: LoRA adapts the local spec's "
+                         "linears; use parallel.layer_spec=local")
+    spec = gpt_layer_spec(model.normalization, layer_spec)
     scalar = model.head == "scalar"
     gpt = GPTModel(
         config=config,

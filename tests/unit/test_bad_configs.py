@@ -40,6 +40,7 @@ BAD: list[tuple[list[str], str]] = [
     # enumerations
     (["parallel.precision=fp8"], "parallel.precision"),
     (["parallel.recompute=some"], "parallel.recompute"),
+    (["parallel.layer_spec=fast"], "parallel.layer_spec"),
     (["optim.decay=step"], "optim.decay"),
     (["optim.name=sgd"], "optim.name"),
     (["logger=tensorboard"], "logger"),
