@@ -1,6 +1,6 @@
 """B9: a GRPO iteration against a PPO iteration on the same prompts x samples (not a test).
 
-    python -m tools.bench.group_vs_ppo [--model tiny|small --rollout-batch 8 --samples 4
+    python -m tools.bench.group_vs_ppo [--model tiny|small --layers/--hidden/--heads/--seq N --rollout-batch 8 --samples 4
         --iterations 5 --warmup 2 --rounds 2 --work-dir DIR --out FILE.json]
 
 One command, several child processes of tools.bench.ppo_iteration (each one rank, gloo on
@@ -33,7 +33,8 @@ def child(stage: str, args: argparse.Namespace, work: Path, out: Path) -> dict[s
     cmd = [sys.executable, "-m", "tools.bench.ppo_iteration", "--model", args.model, "--stage", stage,
            "--rollout-batch", str(args.rollout_batch), "--samples", str(args.samples), "--epochs", "1",
            "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--work-dir", str(work),
-           "--out", str(out)]
+           "--out", str(out)] + [f"--{k}={v}" for k in ("layers", "hidden", "heads", "seq")
+                                 if (v := getattr(args, k)) is not None]
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
     return json.loads(out.read_text())
 
@@ -42,6 +43,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m tools.bench.group_vs_ppo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
+    for name in ("layers", "hidden", "heads", "seq"):
+        p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset's shape")
     p.add_argument("--rollout-batch", type=int, default=8)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--iterations", type=int, default=5)
