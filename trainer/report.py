@@ -100,7 +100,7 @@ def plot_rl(runs: dict[str, list[dict[str, Any]]], path: Path) -> Optional[Path]
     for ax, key in zip(axes, RL_KEYS):
         for name, recs in curves.items():
             ax.plot(*_series(recs, key), marker="o", markersize=3, label=name)
-        ax.set_title({"reward": "reward-model score per iteration", "kl": "KL to the reference (nats)"}[key])
+        ax.set_title({"reward": "reward per iteration (RM score or verifier)", "kl": "KL to the reference (nats)"}[key])
         ax.set_xlabel("iteration")
         ax.legend(fontsize=7)
     fig.tight_layout()

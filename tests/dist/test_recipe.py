@@ -24,8 +24,8 @@ from tests.conftest import REPO, run_trainer
 pytestmark = pytest.mark.dist
 
 CHATFORGE = Path(sys.executable).parent / "chatforge"
-TRAINED = ("pretrain", "sft", "rm", "ppo", "a2c", "dpo", "rejection_sampling")
-METHODS = ("pretrain", "sft", "ppo", "a2c", "dpo", "best_of_n", "rejection_sampling")
+TRAINED = ("pretrain", "sft", "rm", "ppo", "a2c", "grpo", "grpo_rm", "dpo", "rejection_sampling")
+METHODS = ("pretrain", "sft", "ppo", "a2c", "grpo", "grpo_rm", "dpo", "best_of_n", "rejection_sampling")
 
 
 def _recipe(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:

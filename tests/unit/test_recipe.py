@@ -12,7 +12,8 @@ from launcher.cli import _parse, _recipe_steps, main
 from launcher.recipe import Step, is_done, submit_steps
 from trainer.exitcodes import DONE_FILE
 
-SMOKE = ["tokenizer", "pretrain", "sft", "rm", "ppo", "a2c", "dpo", "best_of_n", "rejection_sampling", "eval"]
+SMOKE = ["tokenizer", "pretrain", "sft", "rm", "ppo", "a2c", "grpo", "grpo_rm", "dpo", "best_of_n",
+         "rejection_sampling", "eval"]
 
 
 def _steps(tmp_path: Path, *overrides: str) -> tuple[Any, list[Step], list[str]]:
@@ -30,11 +31,11 @@ def test_every_step_is_composed_with_its_inputs_and_the_command_line(tmp_path: P
     assert (by["ppo"].ckpt.load, by["ppo"].ppo.reward) == (str(tmp_path / "sft"), str(tmp_path / "rm"))
     assert by["rm"].model.head == "scalar" and by["sft"].model.head == "lm"  # stage=rm's own YAML
     assert by["eval"].eval.models.split(",") == [str(tmp_path / n) for n in
-                                                 ("pretrain", "sft", "ppo", "a2c", "dpo", "best_of_n",
-                                                  "rejection_sampling")]
+                                                 ("pretrain", "sft", "ppo", "a2c", "grpo", "grpo_rm", "dpo",
+                                                  "best_of_n", "rejection_sampling")]
     assert by["eval"].eval.report == str(tmp_path / "report.md")
     for name, cfg in by.items():
-        assert cfg.stage.name == name and cfg.run.dir == str(tmp_path / name)
+        assert cfg.stage.name == {"grpo_rm": "grpo"}.get(name, name) and cfg.run.dir == str(tmp_path / name)
         assert cfg.seed == 7 and cfg.model.hidden_size == 64  # command line and recipe.common
         # The command line wins over the recipe's step overrides; a step's extra wins over both.
         assert cfg.train.steps == (2 if name == "dpo" else 9)
@@ -118,5 +119,5 @@ def test_slurm_chain_depends_on_inputs_skips_done_steps_and_keeps_live_jobs(tmp_
     assert after["pretrain"] == []  # its input finished: nothing to wait for
     assert after["sft"] == [jobs["pretrain"]]
     assert after["ppo"] == sorted([jobs["sft"], "77"])
-    assert set(after["eval"]) == {jobs[n] for n in ("pretrain", "sft", "ppo", "a2c", "dpo", "best_of_n",
-                                                    "rejection_sampling")} | {"77"}
+    assert set(after["eval"]) == {jobs[n] for n in ("pretrain", "sft", "ppo", "a2c", "grpo", "grpo_rm", "dpo",
+                                                    "best_of_n", "rejection_sampling")} | {"77"}
