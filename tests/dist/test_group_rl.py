@@ -27,7 +27,7 @@ import pytest
 from tests.conftest import read_metrics, run_trainer, spawn_trainer
 from tests.dist.conftest import RL_MODEL as MODEL
 from tests.dist.test_equivalence import _merge
-from tests.dist.test_rlhf import TIMING, _kill_after
+from tests.dist.test_rlhf import kill_rerun_matches
 
 pytestmark = pytest.mark.dist
 
@@ -103,15 +103,7 @@ def test_dynamic_sampling_and_running_norm_resume_exactly_after_sigkill(rl_sft: 
     assert any(r.get("dropped_groups", 0) > 0 for r in single)  # flat groups were dropped ...
     assert all(r["flat_groups"] <= r["dropped_groups"] + 1e-9 for r in single[1:])  # ... and resampled
     assert max(r["sampling_rounds"] for r in single[1:]) > 1
-    _kill_after(tmp_path / "killed", config, 3)
-    latest = (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip()
-    assert latest == "step_000002", latest
-    resumed = run_trainer(tmp_path / "killed", config)
-    assert [r["step"] for r in resumed] == [r["step"] for r in single]
-    for ours, ref in zip(resumed, single):
-        for key in ref:
-            if key not in TIMING:
-                assert ours.get(key) == ref[key], (ref["step"], key)
+    kill_rerun_matches(tmp_path / "killed", config, single)
 
 
 def _math_prompts(path: Path) -> Path:

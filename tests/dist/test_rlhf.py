@@ -89,6 +89,20 @@ def _kill_after(run_dir: Path, config: dict[str, Any], step: int) -> None:
     proc.wait(timeout=60)
 
 
+def kill_rerun_matches(run_dir: Path, config: dict[str, Any], single: list[dict[str, Any]]) -> None:
+    """A run killed (SIGKILL) during iteration 4 resumes from its checkpoint of iteration 2
+    and logs exactly the metrics of the uninterrupted run `single` (timings aside)."""
+    _kill_after(run_dir, config, 3)
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step_000002", latest  # killed during iteration 4, before the final save
+    resumed = run_trainer(run_dir, config)
+    assert [r["step"] for r in resumed] == [r["step"] for r in single]
+    for ours, ref in zip(resumed, single):
+        for key in ref:
+            if key not in TIMING:
+                assert ours.get(key) == ref[key], (ref["step"], key)
+
+
 def test_ppo_tp2_and_kill_resume_match_one_uninterrupted_process(sft: Path, reward_model: Path,
                                                                  tmp_path: Path) -> None:
     config = _merge(_config("ppo", sft, reward_model, 4, **FULL), {"ckpt": {"every": 2}})
@@ -104,15 +118,7 @@ def test_ppo_tp2_and_kill_resume_match_one_uninterrupted_process(sft: Path, rewa
             if key in ref:
                 assert ours[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), (ours["step"], key)
 
-    _kill_after(tmp_path / "killed", config, 3)
-    latest = (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip()
-    assert latest == "step_000002", latest  # killed during iteration 4, before the final save
-    resumed = run_trainer(tmp_path / "killed", config)
-    assert [r["step"] for r in resumed] == [r["step"] for r in single]
-    for ours, ref in zip(resumed, single):
-        for key in ref:
-            if key not in TIMING:
-                assert ours.get(key) == ref[key], (ref["step"], key)
+    kill_rerun_matches(tmp_path / "killed", config, single)
     assert (tmp_path / "killed" / "samples" / "eval_000.jsonl").is_file()
 
 
