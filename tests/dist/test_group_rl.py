@@ -74,6 +74,12 @@ COMPARED = ("reward", "kl", "entropy", "response_length", "advantage_mean", "adv
             "flat_groups", "policy_loss", "kl_loss", "clip_fraction", "grad_norm", "eval_gold_reward", "eval_kl")
 
 
+@pytest.fixture(scope="module")
+def singles() -> dict[str, list[dict[str, Any]]]:
+    """One-process reference runs by config, made when first needed."""
+    return {}
+
+
 @pytest.mark.parametrize("layout,world,extra", [
     ("dp2", 2, {"ppo": {"advantage_estimator": "reinforce_pp_baseline", "kl_in": "reward", "kl_estimator": "k1",
                         "kl_coef": 0.05, "loss_agg": "token_mean", "reward_norm": "batch"}}),
@@ -81,11 +87,14 @@ COMPARED = ("reward", "kl", "entropy", "response_length", "advantage_mean", "adv
     ("pp2", 2, {"parallel": {"pp": 2}}),
 ])
 def test_layouts_match_one_process(layout: str, world: int, extra: dict[str, Any], rl_sft: Path,
-                                   tmp_path: Path) -> None:
+                                   tmp_path: Path, singles: dict[str, list[dict[str, Any]]]) -> None:
     # One minibatch per iteration (32 responses): the update sees the same rows in any layout.
     config = _merge(_config("grpo", rl_sft, 3, train={"global_batch": 32}), extra)
     single_config = _merge(config, {"parallel": {"tp": 1, "pp": 1}})
-    single = run_trainer(tmp_path / "single", single_config)
+    key = json.dumps(single_config, sort_keys=True)  # TP2 and PP2 share their reference run
+    if key not in singles:
+        singles[key] = run_trainer(tmp_path / "single", single_config)
+    single = singles[key]
     ours = run_trainer(tmp_path / layout, config, world_size=world)
     assert [r["step"] for r in ours] == [0, 1, 2, 3]
     assert single[1]["advantage_abs"] > 0
