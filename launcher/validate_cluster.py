@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -121,10 +122,31 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _creatable(existing: Path, path: Path) -> Optional[str]:
+    """Why `path` cannot be made under its nearest existing parent, asked of the filesystem
+    itself (os.access cannot tell root about /proc, a read-only mount or a name too long):
+    the missing part is made inside a fresh temporary directory that is removed at once."""
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".chatforge-probe-", dir=existing))
+    except OSError as err:
+        return f"cannot create anything in {existing}: {err.strerror}"
+    try:
+        missing = path.relative_to(existing)
+        if missing.parts:
+            (probe / missing).mkdir(parents=True)
+    except OSError as err:
+        return f"cannot be created: {err.strerror}"
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    return None
+
+
 def run_dir_problem(run_dir: str, node_local: Optional[list[str]]) -> Optional[str]:
     """Why the launcher (and, for SLURM, every node) could not write `run_dir`, or None."""
     if _CONTROL.search(run_dir):
         return "must not contain control characters"
+    if not run_dir.strip():
+        return "must name a directory (empty would fill the current directory with run files)"
     path = Path(run_dir).expanduser().absolute()
     existing = _nearest_existing(path)
     if existing == path and not path.is_dir():
@@ -138,7 +160,7 @@ def run_dir_problem(run_dir: str, node_local: Optional[list[str]]) -> Optional[s
             return (f"is under {prefix}, which is node-local on most clusters; put runs on a "
                     f"shared filesystem (or set cluster.node_local_prefixes=[] if {prefix} "
                     f"is shared)")
-    return None
+    return _creatable(existing, path)
 
 
 def _check_memory(cfg: DictConfig) -> list[ConfigError]:
