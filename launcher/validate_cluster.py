@@ -33,6 +33,13 @@ OWNED_SBATCH = {
 # launcher, but a control character (newline) would still end the #SBATCH line.
 TEXT_KEYS = ("cluster.partition", "cluster.account", "cluster.qos", "cluster.constraint",
              "cluster.job_name", "cluster.container_image", "cluster.container_mounts")
+# Keys that become #SBATCH lines. sbatch reads those with its own parser, not a shell: a
+# backslash escapes the next character even inside quotes, so the POSIX quoting submitit
+# writes loses it (seen on the dev cluster: the job's name arrived without it).
+SBATCH_LINE_KEYS = ("cluster.partition", "cluster.account", "cluster.qos", "cluster.constraint",
+                    "cluster.job_name")
+SBATCH_BACKSLASH = ("must not contain a backslash: sbatch reads #SBATCH lines with its own parser, "
+                    "which drops it")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _OPTION = re.compile(r"^[a-z][a-z0-9-]*$")
 
@@ -100,6 +107,8 @@ def _check_text(cfg: DictConfig) -> list[ConfigError]:
             errors.append(ConfigError(key, value, "must be null (unset) or non-empty"))
         elif _CONTROL.search(str(value)):
             errors.append(ConfigError(key, repr(value), "must not contain control characters"))
+        elif "\\" in str(value) and key in SBATCH_LINE_KEYS:
+            errors.append(ConfigError(key, value, SBATCH_BACKSLASH))
     for option, value in (_get(cfg, "cluster.sbatch_extra") or {}).items():
         key = f"cluster.sbatch_extra.{option}"
         if not _OPTION.match(str(option)):
@@ -109,6 +118,8 @@ def _check_text(cfg: DictConfig) -> list[ConfigError]:
             errors.append(ConfigError(key, value, f"set by the launcher; use {OWNED_SBATCH[option]}"))
         elif _CONTROL.search(str(value)):
             errors.append(ConfigError(key, repr(value), "must not contain control characters"))
+        elif "\\" in str(value):
+            errors.append(ConfigError(key, value, SBATCH_BACKSLASH))
     for index, arg in enumerate(_get(cfg, "cluster.srun_extra") or []):
         key = f"cluster.srun_extra[{index}]"
         if not str(arg).startswith("-") or _CONTROL.search(str(arg)):
@@ -202,6 +213,8 @@ def find_cluster_errors(cfg: DictConfig, layout_ok: bool) -> list[ConfigError]:
         errors.append(ConfigError("cluster.name", "slurm", "sbatch is not on PATH (on the dev "
                                   "cluster: source /tmp/chatforge-slurm/env.sh)"))
     errors += _check_text(cfg)
+    if "\\" in str(_get(cfg, "run.dir")):  # --output=<run.dir>/logs/slurm/... is an #SBATCH line
+        errors.append(ConfigError("run.dir", _get(cfg, "run.dir"), SBATCH_BACKSLASH))
     if not numbers:
         errors += _check_slurm_sizes(cfg)
         if layout_ok:

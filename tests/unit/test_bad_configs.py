@@ -345,32 +345,73 @@ def slurm_cfg(**values: object) -> DictConfig:
     return cfg
 
 
+def sbatch_argument(raw: str) -> str:
+    """One #SBATCH argument read the way sbatch reads it (_get_argument in Slurm's
+    src/sbatch/opt.c), which is not a POSIX shell: a backslash escapes the next character
+    even inside quotes, quotes group, an unquoted # starts a comment."""
+    out, quote, escaped = [], "", False
+    for char in raw:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+            continue
+        elif quote:
+            if char == quote:
+                quote = ""
+                continue
+        elif char in "'\"":
+            quote = char
+            continue
+        elif char == "#" or char.isspace():
+            break
+        out.append(char)
+    return "".join(out)
+
+
 def sbatch_values(script: str) -> dict[str, str]:
-    """#SBATCH --key=value lines, the value read the way a POSIX shell would read it."""
+    """#SBATCH --key=value lines, each value as sbatch reads it."""
     values = {}
     for line in script.splitlines():
         if line.startswith("#SBATCH --"):
             key, _, raw = line[len("#SBATCH --"):].partition("=")
-            values[key] = shlex.split(raw)[0] if raw else ""
+            values[key] = sbatch_argument(raw)
     return values
 
 
+# What sbatch's parser keeps intact (the launcher refuses a backslash in these keys).
+SBATCH_HOSTILE = HOSTILE.replace("\\", "")
+
+
 def test_hostile_strings_reach_sbatch_and_srun_quoted(tmp_path: Path) -> None:
-    run_dir = tmp_path / f"run {HOSTILE}"
-    cfg = slurm_cfg(**{"run.dir": str(run_dir), "cluster.partition": HOSTILE,
-                       "cluster.account": HOSTILE, "cluster.job_name": HOSTILE,
-                       "cluster.sbatch_extra": {"comment": HOSTILE},
+    run_dir = tmp_path / f"run {SBATCH_HOSTILE}"
+    cfg = slurm_cfg(**{"run.dir": str(run_dir), "cluster.partition": SBATCH_HOSTILE,
+                       "cluster.account": SBATCH_HOSTILE, "cluster.job_name": SBATCH_HOSTILE,
+                       "cluster.sbatch_extra": {"comment": SBATCH_HOSTILE},
                        "cluster.srun_extra": [f"--comment={HOSTILE}"],
-                       "cluster.container_image": HOSTILE})
+                       "cluster.container_image": HOSTILE, "cluster.node_local_prefixes": []})
+    assert [e for e in find_errors(cfg) if "sbatch is not on PATH" not in str(e)] == []
     script = sbatch_script(cfg)
     values = sbatch_values(script)
     for key in ("partition", "account", "job-name", "comment"):
-        assert values[key] == HOSTILE, key
+        assert values[key] == SBATCH_HOSTILE, key
     assert values["output"].startswith(str(run_dir))
     srun_line = next(line for line in script.splitlines() if line.startswith("srun "))
     args = shlex.split(srun_line)
     assert f"--comment={HOSTILE}" in args and f"--container-image={HOSTILE}" in args
     assert args[-1] == str(run_dir / "logs" / "slurm")  # the submitit folder, one argument
+
+
+def test_backslashes_on_sbatch_lines_are_refused() -> None:
+    """sbatch would drop them (its parser is not a shell): the job would see another value."""
+    for key in ("cluster.partition", "cluster.account", "cluster.job_name", "run.dir"):
+        errors = find_errors(slurm_cfg(**{key: "a\\b", "cluster.node_local_prefixes": []}))
+        assert any(e.key == key and "backslash" in e.message for e in errors), (key, [str(e) for e in errors])
+    errors = find_errors(slurm_cfg(**{"cluster.sbatch_extra": {"comment": "a\\b"}}))
+    assert any(e.key == "cluster.sbatch_extra.comment" for e in errors)
+    # srun's line is read by bash: a backslash is quoted there like anything else.
+    errors = find_errors(slurm_cfg(**{"cluster.srun_extra": ["--comment=a\\b"], "cluster.container_image": "a\\b"}))
+    assert not [e for e in errors if "backslash" in e.message]
 
 
 def test_control_characters_are_refused() -> None:
