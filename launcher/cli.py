@@ -16,7 +16,7 @@ import copy
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,6 +26,7 @@ from launcher.local import run_local
 from launcher.schema import CONF_DIR, register_schema
 from launcher.sweep import PointResult, summarize
 from launcher.validate import find_errors
+from launcher.validate_run import find_warnings
 
 CONFIG_NAME = "config"
 USAGE_ERROR = 2
@@ -38,6 +39,8 @@ class Point:
     overrides: list[str]
     cfg: DictConfig
     run_dir: Path
+    # Legal but surely unintended settings (launcher/validate_run.py), printed before it runs.
+    warnings: list[str] = field(default_factory=list)
 
 
 # Hydra message lines that locate the problem for developers, not for users.
@@ -86,8 +89,8 @@ def _primary_dir(config_path: Optional[str]) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), config_path))
 
 
-def _compose_points(jobs: list[list[str]], multirun: bool, config_name: str,
-                    primary: str) -> tuple[list[Point], list[tuple[str, int]]]:
+def _compose_points(jobs: list[list[str]], multirun: bool, config_name: str, primary: str,
+                    device: bool) -> tuple[list[Point], list[tuple[str, int]]]:
     from hydra import compose, initialize_config_dir
 
     points, errors = [], []
@@ -98,21 +101,27 @@ def _compose_points(jobs: list[list[str]], multirun: bool, config_name: str,
             except Exception as exc:  # any composition failure is a usage error here
                 errors.append((error_line(exc, job), index))
                 continue
+            if not str(cfg.run.dir or "").strip():
+                errors.append((f"run.dir={cfg.run.dir!r}: must name a directory (empty would fill "
+                               "the current directory with run files)", index))
+                continue
             run_dir = Path(cfg.run.dir).absolute()
             # Mirrors hydra.sweep.dir=${run.dir}, hydra.sweep.subdir=${hydra.job.num}.
             cfg.run.dir = str(run_dir / str(index) if multirun else run_dir)
-            points.append(Point(job, cfg, Path(cfg.run.dir)))
-            errors += [(str(error), index) for error in find_errors(cfg)]
+            found = find_errors(cfg, device=device)
+            errors += [(str(error), index) for error in found]
+            points.append(Point(job, cfg, Path(cfg.run.dir), [] if found else find_warnings(cfg, Path(cfg.run.dir))))
     return points, errors
 
 
 def preflight(overrides: list[str], multirun: bool, config_name: str = "config",
-              config_dir: Optional[str] = None, config_path: Optional[str] = None
-              ) -> tuple[list[Point], list[str]]:
+              config_dir: Optional[str] = None, config_path: Optional[str] = None,
+              device: bool = True) -> tuple[list[Point], list[str]]:
     """Compose and validate every job of the command before anything starts.
 
     Returns the points and the error lines; an error found in only some points of a sweep
-    names them. Nothing is created on disk."""
+    names them. Nothing is created on disk. `device=False` (plan): skip the check of this
+    machine's devices."""
     register_schema()
     jobs_overrides = list(overrides)
     if config_dir is not None:
@@ -121,7 +130,7 @@ def preflight(overrides: list[str], multirun: bool, config_name: str = "config",
         jobs_overrides.append(f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]")
     try:
         jobs = _sweep(jobs_overrides, multirun)
-        points, errors = _compose_points(jobs, multirun, config_name, _primary_dir(config_path))
+        points, errors = _compose_points(jobs, multirun, config_name, _primary_dir(config_path), device)
     except Exception as exc:  # a parse error in the overrides, a missing primary config
         return [], [error_line(exc, jobs_overrides)]
     where: dict[str, list[int]] = {}
@@ -133,6 +142,13 @@ def preflight(overrides: list[str], multirun: bool, config_name: str = "config",
             line += f" (sweep points {', '.join(map(str, indices))})"
         lines.append(line)
     return points, lines
+
+
+def _warn(points: list[Point]) -> None:
+    for index, point in enumerate(points):
+        where = f" (sweep point {index})" if len(points) > 1 else ""
+        for line in point.warnings:
+            print(f"chatforge: warning: {line}{where}", file=sys.stderr)
 
 
 def _fail(lines: list[str]) -> int:
@@ -251,10 +267,10 @@ def _runs_jobs(args: argparse.Namespace) -> bool:
                 or args.experimental_rerun)
 
 
-def _points(args: argparse.Namespace) -> tuple[list[Point], list[str]]:
+def _points(args: argparse.Namespace, device: bool = True) -> tuple[list[Point], list[str]]:
     return preflight(args.overrides, multirun=args.multirun,
                      config_name=args.config_name or CONFIG_NAME,
-                     config_dir=args.config_dir, config_path=args.config_path)
+                     config_dir=args.config_dir, config_path=args.config_path, device=device)
 
 
 def _recipe_steps(args: argparse.Namespace) -> tuple[Optional[DictConfig], list[Any], list[str]]:
@@ -325,6 +341,7 @@ def run_command(argv: list[str]) -> int:
         points, errors = _points(args)
         if errors:
             return _fail(errors)
+        _warn(points)
         if not args.multirun:
             # The preflight already composed the one job exactly as hydra.main would (same
             # overrides, same search path): run it without composing twice (~0.5 s).
@@ -350,9 +367,10 @@ def plan_command(argv: list[str]) -> int:
 
     if is_recipe(args.overrides):
         return recipe_command(args, plan_only=True)
-    points, errors = _points(args)
+    points, errors = _points(args, device=False)
     if errors:
         return _fail(errors)
+    _warn(points)
     for index, point in enumerate(points):
         cfg = point.cfg
         world = world_size(cfg)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import IO, Callable, Optional
 
-from trainer.exitcodes import EXIT_REQUEUE  # torch-free
+from trainer.exitcodes import EXIT_REQUEUE, MEANING  # torch-free
 
 GRACE_S = 5.0  # between the polite signal and SIGKILL
 TAIL_LINES = 30  # of the failing rank's log, printed on failure
@@ -226,8 +226,8 @@ def run_local(cmd: list[str], world_size: int, run_dir: Path, env_extra: dict[st
         return EXIT_REQUEUE
     code = _exit_code(procs[failed].returncode)
     path = log_dir / f"rank_{failed}.log"
-    print(f"chatforge: rank {failed} failed with exit code {code}; last lines of {path}:\n"
-          f"{log_tail(path)}", file=sys.stderr)
+    print(f"chatforge: rank {failed} {MEANING.get(code, 'failed')} with exit code {code}; last "
+          f"lines of {path}:\n{log_tail(path)}", file=sys.stderr)
     return code
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO
 
 # EX_TEMPFAIL: the trainer saved a checkpoint after a stop signal; run it again. Torch-free.
-from trainer.exitcodes import EXIT_REQUEUE
+from trainer.exitcodes import EXIT_REQUEUE, MEANING
 
 TIMEOUT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 TAIL_LINES = 40
@@ -152,8 +152,9 @@ class TrainerTask:
             return 0
         log = run_dir / "logs" / f"rank_{rank}.log"
         if code != EXIT_REQUEUE:
-            raise RuntimeError(f"rank {rank} on {socket.gethostname()}: the trainer exited with "
-                               f"code {code}; last lines of {log}:\n{log_tail(log)}")
+            what = MEANING.get(code, "the trainer exited")
+            raise RuntimeError(f"rank {rank} on {socket.gethostname()}: {what} with code {code}; "
+                               f"last lines of {log}:\n{log_tail(log)}")
         if rank != 0:
             return 0  # rank 0 decides; a clean exit keeps srun from killing it first
         reason = "timeout" if any(s in TIMEOUT_SIGNALS for s in received) else "preemption"

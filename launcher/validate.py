@@ -8,6 +8,7 @@ gives one message.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -18,6 +19,9 @@ from parallel.config import LORA_TARGETS, ModelConfig, lora_targets, model_split
 from trainer.data.chat_embedded import EVAL_TASKS, PREFERENCES  # torch-free (random, sentencepiece)
 from launcher.errors import ConfigError, format_value  # noqa: F401  (re-exported: launcher.validate.ConfigError)
 from trainer.config import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from trainer.data.corpus import TASKS  # torch-free
+from launcher.validate_run import check_local_device, check_tokenizer
+from trainer.data.readers import sniff  # torch-free (json)
 from trainer.stages import NO_TRAINING, RL_STAGES, SAMPLING_STAGES, STAGE_DATA, STAGE_HEAD, STAGES
 
 # The one place that lists the allowed values of every enumerated string field (the
@@ -71,6 +75,10 @@ POSITIVE: tuple[str, ...] = (
     "train.micro_batch",
     "train.max_bad_steps",
     "train.fault.nan_grad_steps",
+    "data.embedded.num_docs",
+    "data.embedded.num_chats",
+    "data.embedded.num_pairs",
+    "data.embedded.num_prompts",
     "best_of_n.n",
     "sampling.max_new_tokens",
     "sampling.batch",
@@ -90,6 +98,33 @@ LAYOUT_KEYS: tuple[str, ...] = (
     "model.num_layers", "model.hidden_size", "model.num_attention_heads",
     "train.global_batch", "train.micro_batch", "model.make_vocab_size_divisible_by",
 ) + OPTIONAL_POSITIVE
+
+
+# Ranges of numeric keys every stage reads (found by driving each key past its edges: each
+# of these failed on a rank, in a library, or trained on garbage). Stage-specific ranges are
+# in _check_stage.
+RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("train.eval_every", lambda v: v >= 0, "must be >= 0 (0: only at the end)"),
+    ("train.eval_batches", lambda v: v >= 0, "must be >= 0"),
+    ("train.log_every", lambda v: v >= 0, "must be >= 0"),
+    ("train.exit_interval", lambda v: v >= 0, "must be >= 0 (0 is off)"),
+    ("train.max_minutes", lambda v: v >= 0, "must be >= 0 (0: no limit)"),
+    ("optim.min_lr", lambda v: v >= 0, "must be >= 0"),
+    ("optim.weight_decay", lambda v: v >= 0, "must be >= 0"),
+    ("optim.beta1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optim.beta2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optim.eps", lambda v: v > 0, "must be > 0 (Adam divides by sqrt(v) + eps)"),
+    ("optim.clip_grad", lambda v: v >= 0, "must be >= 0 (0: no clipping)"),
+    ("optim.decay_steps", lambda v: v is None or v >= 0, "must be null or >= 0 (null, 0: train.steps)"),
+    ("model.hidden_dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("model.attention_dropout", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("model.init_std", lambda v: v > 0, "must be > 0"),
+    ("model.layernorm_epsilon", lambda v: v > 0, "must be > 0"),
+    ("model.rotary_base", lambda v: v > 0, "must be > 0"),
+    ("data.eval_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("tokenizer.max_sentences", lambda v: v >= 0, "must be >= 0 (0: all)"),
+    ("best_of_n.num_prompts", lambda v: v >= 0, "must be >= 0 (0: all)"),
+)
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -116,10 +151,39 @@ def _check_positive(cfg: DictConfig) -> list[ConfigError]:
     lr = _get(cfg, "optim.lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         errors.append(ConfigError("optim.lr", lr, "must be > 0"))
+    errors += _check_ranges(cfg)
     for key in ("ckpt.every", "optim.warmup_steps", "train.fault.nan_grad_step", "train.fault.nan_grad_rank"):
         value = _get(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             errors.append(ConfigError(key, value, "must be an integer >= 0"))
+    return errors
+
+
+def _leaves(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    elif not isinstance(tree, list):
+        yield prefix[:-1], tree
+
+
+def _check_ranges(cfg: DictConfig) -> list[ConfigError]:
+    """No NaN or infinity anywhere; RANGES; the LR schedule's own rule (megatron asserts it)."""
+    errors = [ConfigError(key, value, "must be a finite number")
+              for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False))
+              if isinstance(value, float) and not math.isfinite(value)]
+    bad = _bad_keys(errors)
+    errors += [ConfigError(key, _get(cfg, key), what) for key, ok, what in RANGES
+               if key not in bad and not ok(_get(cfg, key))]
+    lr, min_lr = _get(cfg, "optim.lr"), _get(cfg, "optim.min_lr")
+    if (_get(cfg, "optim.decay") != "constant" and not _bad_keys(errors) & {"optim.lr", "optim.min_lr"}
+            and isinstance(lr, (int, float)) and min_lr > lr):
+        errors.append(ConfigError("optim.min_lr", min_lr, f"must be <= optim.lr={lr} (the LR decays to it)"))
+    families = [f.strip() for f in str(_get(cfg, "data.embedded.families") or "").split(",") if f.strip()]
+    unknown = [f for f in families if f not in TASKS]
+    if unknown:
+        errors.append(ConfigError("data.embedded.families", _get(cfg, "data.embedded.families"),
+                                  f"unknown {', '.join(unknown)}; known: {', '.join(TASKS)}"))
     return errors
 
 
@@ -178,6 +242,10 @@ def _check_stage(cfg: DictConfig) -> list[ConfigError]:
     head = STAGE_HEAD.get(stage, "lm")
     if cfg.model.head != head:
         errors.append(ConfigError("model.head", cfg.model.head, f"stage={stage} needs model.head={head}"))
+    new, seq = _get(cfg, "sampling.max_new_tokens"), _get(cfg, "model.seq_length")
+    if stage in SAMPLING_STAGES and isinstance(new, int) and isinstance(seq, int) and new >= seq:
+        errors.append(ConfigError("sampling.max_new_tokens", new,
+                                  f"stage={stage} needs room for the prompt: must be < model.seq_length={seq}"))
     if stage in SAMPLING_STAGES:
         for key, what in (("ckpt.load", "the policy to sample from"),
                           ("best_of_n.reward", "the reward model's run dir")):
@@ -211,7 +279,7 @@ def _check_paths(cfg: DictConfig, pending: frozenset[str] = frozenset()) -> list
     if cfg.data.format not in ("embedded", "text"):
         raw = cfg.data.path or ""
         why = _missing_file(raw) if raw else f"data.format={cfg.data.format} needs data.path=<file>"
-        if why:
+        if why or (why := sniff(cfg.data.format, Path(raw).expanduser())):
             errors.append(ConfigError("data.path", raw, why))
     if cfg.data.format == "text":
         raw = cfg.data.path or ""
@@ -220,9 +288,9 @@ def _check_paths(cfg: DictConfig, pending: frozenset[str] = frozenset()) -> list
             errors.append(ConfigError(
                 "data.path", raw, "data.format=text needs data.path=<file>[,<file>...]"))
         else:
-            problems = [why for why in map(_missing_file, parts) if why]
-            if problems:
-                errors.append(ConfigError("data.path", raw, "; ".join(problems)))
+            problems = [_missing_file(part) or sniff("text", Path(part).expanduser()) for part in parts]
+            if any(problems):
+                errors.append(ConfigError("data.path", raw, "; ".join(p for p in problems if p)))
     tokenizer = cfg.tokenizer.path
     if tokenizer and tokenizer not in pending and (why := _missing_file(tokenizer)):
         errors.append(ConfigError("tokenizer.path", tokenizer, why))
@@ -271,9 +339,12 @@ def _bad_keys(errors: Iterable[ConfigError]) -> set[str]:
     return {error.key for error in errors}
 
 
-def find_errors(cfg: DictConfig | Any, pending: frozenset[str] = frozenset()) -> list[ConfigError]:
+def find_errors(cfg: DictConfig | Any, pending: frozenset[str] = frozenset(),
+                device: bool = True) -> list[ConfigError]:
     """Every problem in `cfg` (a composed DictConfig or a trainer.config.Config), in order.
-    `pending`: paths that do not exist yet but will (a recipe's earlier steps write them)."""
+    `pending`: paths that do not exist yet but will (a recipe's earlier steps write them).
+    `device`: check that cluster=local's ranks can run on this machine's devices (not for
+    `chatforge plan`, which may describe a run for another machine)."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.structured(cfg)
     errors = _check_choices(cfg) + _check_positive(cfg)
@@ -289,6 +360,12 @@ def find_errors(cfg: DictConfig | Any, pending: frozenset[str] = frozenset()) ->
     for check, needs in dependent:
         if not _bad_keys(errors) & set(needs):
             errors.extend(check(cfg))
+    if not _bad_keys(errors) & {"stage.name", "data.format", "data.path", "data.embedded.num_docs"}:
+        errors.extend(ConfigError(*problem) for problem in check_tokenizer(cfg))
+    # The device check estimates memory from the model, layout, batch, LoRA and optimizer:
+    # it runs on an otherwise valid config only.
+    if device and not errors:
+        errors.extend(ConfigError(*problem) for problem in check_local_device(cfg))
     if "cluster.name" not in _bad_keys(errors):
         from launcher.validate_cluster import find_cluster_errors  # imports this module
 

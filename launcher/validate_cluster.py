@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,6 +33,13 @@ OWNED_SBATCH = {
 # launcher, but a control character (newline) would still end the #SBATCH line.
 TEXT_KEYS = ("cluster.partition", "cluster.account", "cluster.qos", "cluster.constraint",
              "cluster.job_name", "cluster.container_image", "cluster.container_mounts")
+# Keys that become #SBATCH lines. sbatch reads those with its own parser, not a shell: a
+# backslash escapes the next character even inside quotes, so the POSIX quoting submitit
+# writes loses it (seen on the dev cluster: the job's name arrived without it).
+SBATCH_LINE_KEYS = ("cluster.partition", "cluster.account", "cluster.qos", "cluster.constraint",
+                    "cluster.job_name")
+SBATCH_BACKSLASH = ("must not contain a backslash: sbatch reads #SBATCH lines with its own parser, "
+                    "which drops it")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _OPTION = re.compile(r"^[a-z][a-z0-9-]*$")
 
@@ -99,6 +107,8 @@ def _check_text(cfg: DictConfig) -> list[ConfigError]:
             errors.append(ConfigError(key, value, "must be null (unset) or non-empty"))
         elif _CONTROL.search(str(value)):
             errors.append(ConfigError(key, repr(value), "must not contain control characters"))
+        elif "\\" in str(value) and key in SBATCH_LINE_KEYS:
+            errors.append(ConfigError(key, value, SBATCH_BACKSLASH))
     for option, value in (_get(cfg, "cluster.sbatch_extra") or {}).items():
         key = f"cluster.sbatch_extra.{option}"
         if not _OPTION.match(str(option)):
@@ -108,6 +118,8 @@ def _check_text(cfg: DictConfig) -> list[ConfigError]:
             errors.append(ConfigError(key, value, f"set by the launcher; use {OWNED_SBATCH[option]}"))
         elif _CONTROL.search(str(value)):
             errors.append(ConfigError(key, repr(value), "must not contain control characters"))
+        elif "\\" in str(value):
+            errors.append(ConfigError(key, value, SBATCH_BACKSLASH))
     for index, arg in enumerate(_get(cfg, "cluster.srun_extra") or []):
         key = f"cluster.srun_extra[{index}]"
         if not str(arg).startswith("-") or _CONTROL.search(str(arg)):
@@ -121,10 +133,31 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _creatable(existing: Path, path: Path) -> Optional[str]:
+    """Why `path` cannot be made under its nearest existing parent, asked of the filesystem
+    itself (os.access cannot tell root about /proc, a read-only mount or a name too long):
+    the missing part is made inside a fresh temporary directory that is removed at once."""
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".chatforge-probe-", dir=existing))
+    except OSError as err:
+        return f"cannot create anything in {existing}: {err.strerror}"
+    try:
+        missing = path.relative_to(existing)
+        if missing.parts:
+            (probe / missing).mkdir(parents=True)
+    except OSError as err:
+        return f"cannot be created: {err.strerror}"
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    return None
+
+
 def run_dir_problem(run_dir: str, node_local: Optional[list[str]]) -> Optional[str]:
     """Why the launcher (and, for SLURM, every node) could not write `run_dir`, or None."""
     if _CONTROL.search(run_dir):
         return "must not contain control characters"
+    if not run_dir.strip():
+        return "must name a directory (empty would fill the current directory with run files)"
     path = Path(run_dir).expanduser().absolute()
     existing = _nearest_existing(path)
     if existing == path and not path.is_dir():
@@ -138,7 +171,7 @@ def run_dir_problem(run_dir: str, node_local: Optional[list[str]]) -> Optional[s
             return (f"is under {prefix}, which is node-local on most clusters; put runs on a "
                     f"shared filesystem (or set cluster.node_local_prefixes=[] if {prefix} "
                     f"is shared)")
-    return None
+    return _creatable(existing, path)
 
 
 def _check_memory(cfg: DictConfig) -> list[ConfigError]:
@@ -180,6 +213,8 @@ def find_cluster_errors(cfg: DictConfig, layout_ok: bool) -> list[ConfigError]:
         errors.append(ConfigError("cluster.name", "slurm", "sbatch is not on PATH (on the dev "
                                   "cluster: source /tmp/chatforge-slurm/env.sh)"))
     errors += _check_text(cfg)
+    if "\\" in str(_get(cfg, "run.dir")):  # --output=<run.dir>/logs/slurm/... is an #SBATCH line
+        errors.append(ConfigError("run.dir", _get(cfg, "run.dir"), SBATCH_BACKSLASH))
     if not numbers:
         errors += _check_slurm_sizes(cfg)
         if layout_ok:

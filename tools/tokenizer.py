@@ -22,12 +22,10 @@ from typing import Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 from trainer.data.indexed import atomic_write
-from trainer.data.tokenizer import CHAT_PIECES, EOD_PIECE, NUM_SPECIAL, PAD_PIECE, UNK_PIECE
+from trainer.data.tokenizer import (CHAT_PIECES, EOD_PIECE, MIN_VOCAB_SIZE, NUM_BYTE_PIECES, NUM_SPECIAL,
+                                    PAD_PIECE, UNK_PIECE)
 
 MODEL_TYPES: tuple[str, ...] = ("bpe", "unigram")
-NUM_BYTE_PIECES = 256
-# Specials + byte pieces + at least one learned piece.
-MIN_VOCAB_SIZE = NUM_SPECIAL + NUM_BYTE_PIECES + 1
 # sentencepiece silently skips longer sentences; chunking keeps one-line files usable.
 MAX_SENTENCE_CHARS = 4096
 MAX_SENTENCE_BYTES = 4 * MAX_SENTENCE_CHARS

@@ -90,6 +90,27 @@ def _torch_save(obj: Any, path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+# numpy's Mersenne Twister state (a uint32 array, in each rank's RNG file) is the only thing
+# besides tensors and python scalars our state files hold; torch's weights-only unpickler
+# refuses every other global, so a checkpoint from elsewhere cannot run code when loaded.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core
+SAFE_GLOBALS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_state_file(path: Path) -> Any:
+    """A train_state.pt or rng/rank_N.pt, loaded with weights_only=True."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
+        why = (lines[-1] if lines else str(err).splitlines()[0]).removeprefix("WeightsUnpickler error: ")
+        raise CheckpointError(f"{path}: refused by torch's weights-only loader, it holds more than "
+                              f"tensors and numbers (a file from elsewhere?): {why}") from None
+
+
 # -- RNG --------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
@@ -391,7 +412,7 @@ class Checkpointer:
                         sources=sources, keep_init=keep_init)
         if not resume.full_state:
             return 0
-        state = torch.load(resume.directory / "train_state.pt", weights_only=False)
+        state = load_state_file(resume.directory / "train_state.pt")
         for name, scheduler_state in state["schedulers"].items():
             engines[name].scheduler.load_state_dict(scheduler_state)
         stage.load_state_dict(state["stage"])
@@ -404,7 +425,7 @@ class Checkpointer:
         same = layout == {"world": topo.world_size, "tp": topo.tp, "pp": topo.pp, "dp": topo.dp}
         path = directory / "rng" / f"rank_{dist.get_rank():05d}.pt"
         if same and path.is_file():
-            set_rng_state(torch.load(path, weights_only=False))
+            set_rng_state(load_state_file(path))
         elif self.ctx.is_main:
             print(f"[chatforge] layout changed since the checkpoint ({layout}); RNG streams "
                   "restart from the seed", flush=True)

@@ -8,6 +8,10 @@ EXIT_REQUEUE = 75
 # gradient. Nothing was saved after the last good step; requeueing would only repeat it.
 EXIT_NONFINITE = 76
 
+# What the launchers say about a rank that exited with one of these codes.
+MEANING = {EXIT_NONFINITE: "stopped by the non-finite guard (train.max_bad_steps consecutive "
+                           "NaN/Inf steps; nothing saved after the last good step)"}
+
 # Written into the run directory (atomically, by rank 0) when a run reaches its end:
 # train.steps done, or a job without steps finished. A recipe skips a step that has it.
 DONE_FILE = "done.json"

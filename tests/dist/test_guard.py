@@ -59,11 +59,13 @@ def test_nan_at_step_k_is_skipped_on_every_rank(tmp_path: Path, parallel: dict[s
     assert "done at step 5" in log
 
 
-def test_max_bad_steps_stops_with_the_last_good_checkpoint(tmp_path: Path) -> None:
+def test_max_bad_steps_stops_with_the_last_good_checkpoint(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     faulty = _config(train={"steps": 8, "max_bad_steps": 2,
                             "fault": {"nan_grad_step": 4, "nan_grad_steps": 10, "nan_grad_rank": 1}},
                      ckpt={"every": 1, "keep": 10})
     assert spawn_trainer(tmp_path, faulty, world_size=2) == EXIT_NONFINITE
+    assert "stopped by the non-finite guard" in capsys.readouterr().err  # the launcher's line
     log = (tmp_path / "logs" / "rank_0.log").read_text()
     assert "error: stopped at step 5: 2 consecutive steps with non-finite values" in log
     assert "the last: grad_norm on rank 1" in log

@@ -68,3 +68,35 @@ def test_retention_keeps_last_k_every_mth_and_the_newest() -> None:
     assert retained(steps, 60, keep_last=0, keep_every=0) == {60}  # never the newest
     # An older step written again (rerun) is kept even if it is not among the last K.
     assert 30 in retained(steps, 30, keep_last=1, keep_every=0)
+
+
+class _RunsCode:
+    """What a hostile pickle holds: unpickling it would run a shell command."""
+
+    def __init__(self, canary: Path) -> None:
+        self.canary = canary
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.canary}",))
+
+
+def test_state_files_load_weights_only(tmp_path: Path) -> None:
+    """train_state.pt and the RNG files load with weights_only=True (numpy's RNG state
+    allowlisted); a file that would run code is refused with a CheckpointError naming it."""
+    import numpy as np
+    import torch
+
+    from trainer.checkpointing import CheckpointError, _torch_save, load_state_file, rng_state
+
+    good = tmp_path / "rng_rank_00000.pt"
+    state = rng_state()
+    _torch_save(state, good)
+    loaded = load_state_file(good)
+    assert np.array_equal(loaded["numpy"][1], state["numpy"][1]) and torch.equal(loaded["torch"], state["torch"])
+    bad, canary = tmp_path / "train_state.pt", tmp_path / "pwned"
+    torch.save({"step": 3, "stage": _RunsCode(canary)}, bad)
+    with pytest.raises(CheckpointError, match=rf"^{bad}: refused by torch's weights-only loader.*GLOBAL posix.system"):
+        load_state_file(bad)
+    assert not canary.exists()

@@ -131,7 +131,7 @@ H, FFN, LAYERS, S, R = 4096, 11008, 32, 4096, 16
 
 
 def compose(*overrides: str) -> DictConfig:
-    points, errors = preflight(list(overrides), multirun=False)
+    points, errors = preflight(list(overrides), multirun=False, device=False)  # as `chatforge plan`
     assert not errors, errors
     return points[0].cfg
 

@@ -18,7 +18,7 @@ LLAMA_TP8 = ["model=llama2_7b", "parallel.tp=8", "cluster.procs_per_node=8",
 
 
 def compose(*overrides: str) -> DictConfig:
-    points, errors = preflight(list(overrides), multirun=False)
+    points, errors = preflight(list(overrides), multirun=False, device=False)  # as `chatforge plan`
     assert not errors, errors
     return points[0].cfg
 

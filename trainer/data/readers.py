@@ -28,12 +28,13 @@ mismatches).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from trainer.data.chat import ASSISTANT, ROLES, Message
 
@@ -343,3 +344,63 @@ def read_pairs(fmt: str, path: str | Path) -> list[PreferencePair]:
     if fmt not in PAIR_FORMATS:
         raise ValueError(f"data.format={fmt!r} does not hold preference pairs; use one of {PAIR_FORMATS}")
     return READERS[fmt](path)
+
+
+# ---- sniffing (the launcher's check before start) ------------------------------------------
+
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "chatml": _parse_chatml, "alpaca": _parse_alpaca, "hh_rlhf": _parse_hh,
+    "preference": _parse_preference, "prompts": _parse_prompt_record,
+}
+SNIFF_RECORDS = 20
+SNIFF_BYTES = 1 << 20
+
+
+def _head_text(path: Path) -> tuple[Optional[str], str]:
+    """(problem, whole lines of the first SNIFF_BYTES): not UTF-8 or empty is a problem."""
+    with open(path, "rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+        more = bool(handle.read(1))
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if not (more and err.start >= len(head) - 3):  # a character cut by the read is fine
+            line = head[:err.start].count(b"\n") + 1
+            return f"{path}:{line}: not UTF-8 text (byte {err.start}: {head[err.start:err.start + 1]!r})", ""
+        text = head[:err.start].decode("utf-8")
+    if more:
+        text = text[:text.rfind("\n") + 1]
+    if not text.strip():
+        return f"{path}: {'empty' if not more else 'no line break in the first MiB'}", ""
+    return None, text
+
+
+def sniff(fmt: str, path: str | Path, records: int = SNIFF_RECORDS) -> Optional[str]:
+    """The first problem in the head of a `fmt` data file ("path:line: what"), or None: UTF-8,
+    not empty and, for the JSON formats, the first `records` records parse as that format.
+    Reads at most SNIFF_BYTES, so the launcher can check before anything starts."""
+    p = Path(path)
+    problem, text = _head_text(p)
+    if problem or fmt not in PARSERS:
+        return problem
+    if fmt == "alpaca" and text.lstrip().startswith("["):
+        if p.stat().st_size > SNIFF_BYTES:
+            return None  # a JSON list parses only whole: the trainer's reader checks it
+        try:
+            found = list(itertools.islice(_json_list_records(p, text), records))
+        except ValueError as err:  # invalid JSON, named by line
+            return f"{err} (not {fmt} data)"
+    else:
+        found = []
+        lines = ((no, line) for no, line in enumerate(text.splitlines(), 1) if line.strip())
+        for no, line in itertools.islice(lines, records):
+            try:
+                found.append((no, json.loads(line)))
+            except json.JSONDecodeError as err:
+                return f"{p}:{no}: not {fmt} data: invalid JSON: {err.msg} (column {err.colno})"
+    for no, rec in found:
+        try:
+            PARSERS[fmt](rec)
+        except _Bad as err:
+            return f"{p}:{no}: not {fmt} data: {err}"
+    return None

@@ -36,6 +36,18 @@ IM_END = "<|im_end|>"
 CHAT_PIECES: tuple[str, ...] = (IM_START, IM_END)
 # pad, unk, eod, then the chat pieces: ids 0..4 in a tokenizer trained by tools/tokenizer.py.
 NUM_SPECIAL: int = 3 + len(CHAT_PIECES)
+# A tokenizer trained by tools/tokenizer.py has byte fallback: every byte is a piece.
+NUM_BYTE_PIECES = 256
+# Specials + byte pieces + at least one learned piece. Sentencepiece also needs one piece
+# per distinct character of the training text (at character_coverage=1): see min_vocab_for.
+MIN_VOCAB_SIZE = NUM_SPECIAL + NUM_BYTE_PIECES + 1
+
+
+def min_vocab_for(texts: Sequence[str]) -> tuple[int, int]:
+    """(distinct characters, the smallest vocab_size sentencepiece accepts) for training on
+    `texts` at character_coverage=1 (one piece per character, newlines aside)."""
+    chars = set().union(*map(set, texts)) - {"\n"}
+    return len(chars), max(MIN_VOCAB_SIZE, NUM_SPECIAL + NUM_BYTE_PIECES + len(chars))
 
 # The file names a run directory, a checkpoint or an imported model keeps its tokenizer
 # under, by backend; the first one present wins.
