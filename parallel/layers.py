@@ -90,6 +90,94 @@ def _check_supported(config: TransformerConfig) -> None:
         raise ValueError(f"SDPAttention does not support TransformerConfig {', '.join(bad)}")
 
 
+class GradFreeLinear:
+    """`_forward_impl` of one of megatron's column/row-parallel linears (set on the instance by
+    `use_grad_free_linears`). When autograd records nothing (under torch.no_grad, or neither
+    the weight nor the input requires grad) and no sequence-parallel all-gather is due,
+    megatron's autograd Functions (LinearWithGradAccumulationAndAsyncCommunication,
+    LinearWithFrozenWeight) compute exactly `matmul(input, weight.t())` (+ bias) in their
+    forward: this runs those two ops directly, so the result is bit for bit the same at any
+    TP size, without the Function's Python (context set-up, saved tensors, group look-up),
+    which was about a fifth of a KV-cache decode step on CPU (tools/bench/generation.py).
+    Anything that trains or gathers goes through megatron's own path."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+
+    def __call__(self, input: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        recorded = torch.is_grad_enabled() and (weight.requires_grad or input.requires_grad)
+        if args or recorded or kwargs.get("sequence_parallel"):
+            return self.original(input, weight, *args, **kwargs)
+        output = torch.matmul(input, weight.t())
+        bias = kwargs.get("bias")
+        return output + bias if bias is not None else output
+
+
+def use_grad_free_linears(module: torch.nn.Module) -> None:
+    """Give every column/row-parallel linear in `module` the `GradFreeLinear` forward path."""
+    for layer in module.modules():
+        if isinstance(layer, (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear)) \
+                and not isinstance(layer.__dict__.get("_forward_impl"), GradFreeLinear):
+            layer._forward_impl = GradFreeLinear(layer._forward_impl)
+
+
+# megatron's TP "region" mappings as its parallel layers call them (names imported into
+# megatron.core.tensor_parallel.layers). With a one-rank TP group each is the identity both
+# ways (forward and backward return their input: megatron's own _reduce/_gather/copy at world
+# size 1), yet each call builds an autograd Function node in Python.
+_REGIONS = ("copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region",
+            "gather_from_tensor_model_parallel_region")
+
+
+class _IdentityAtTP1:
+    """A region mapping that returns its input when the TP group has one rank (the same
+    tensor values forward and backward, so results are bit for bit those of megatron's
+    Function) and calls megatron's mapping otherwise (TP > 1 untouched)."""
+
+    def __init__(self, mapping: Any) -> None:
+        self.mapping = mapping
+
+    def __call__(self, input_: torch.Tensor, group: Any = None) -> torch.Tensor:
+        if group is not None and group.size() == 1:
+            return input_
+        return self.mapping(input_, group=group)
+
+
+def skip_tp1_regions() -> None:
+    """Install `_IdentityAtTP1` for megatron's parallel layers (idempotent; process-wide, and
+    a no-op for any layer whose TP group has more than one rank). About a sixth of a KV-cache
+    decode step on CPU (tools/bench/generation.py), and the same Python per layer in training."""
+    from megatron.core.tensor_parallel import layers as megatron_layers
+
+    for name in _REGIONS:
+        current = getattr(megatron_layers, name)
+        if not isinstance(current, _IdentityAtTP1):
+            setattr(megatron_layers, name, _IdentityAtTP1(current))
+
+
+@contextlib.contextmanager
+def megatron_paths(module: torch.nn.Module) -> Any:
+    """Within: `module`'s linears and every region mapping take megatron's own paths (the
+    autograd Functions), as before `use_grad_free_linears` / `skip_tp1_regions`. For the
+    benchmark's before/after in one run and for the tests that the results are bit for bit
+    the same."""
+    from megatron.core.tensor_parallel import layers as megatron_layers
+
+    linears = [m for m in module.modules() if isinstance(m.__dict__.get("_forward_impl"), GradFreeLinear)]
+    regions = {name: getattr(megatron_layers, name) for name in _REGIONS}
+    for layer in linears:
+        layer._forward_impl = layer._forward_impl.original
+    for name, current in regions.items():
+        setattr(megatron_layers, name, getattr(current, "mapping", current))
+    try:
+        yield
+    finally:
+        for layer in linears:
+            layer._forward_impl = GradFreeLinear(layer._forward_impl)
+        for name, current in regions.items():
+            setattr(megatron_layers, name, current)
+
+
 class CausalMaskElision:
     """GPTModel forward pre-hook: an `attention_mask` that is exactly the causal triangle is
     replaced by None, which `SDPAttention` (a causal layer) runs as `is_causal=True`: the

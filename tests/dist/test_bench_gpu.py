@@ -50,3 +50,25 @@ def test_tiny_run_writes_every_section(tmp_path: Path) -> None:
         assert rl["optimizer_steps"] >= 1 and 0 < rl["response_length"] <= rl["max_new_tokens"]
     assert "skipped" in report["allreduce"]  # no GPU here
     assert len(report["rows"]) == 6 and all(row.startswith("| cpu |") for row in report["rows"])
+
+
+def test_ddp_allreduce_two_gloo_ranks(tmp_path: Path) -> None:
+    """tools/bench/ddp_allreduce.py (gpu.py's all-reduce section on a multi-GPU node) on 2 gloo
+    ranks: both settings measured on the same gradient bytes, and parallel.ddp_bucket_size
+    really splits megatron's grad buffer into buckets when overlap is on."""
+    out = tmp_path / "ddp.json"
+    proc = subprocess.run([sys.executable, "-m", "tools.bench.ddp_allreduce", "--tiny", "--rounds", "2",
+                           "--warmup", "1", "--settings", "off,on:20000", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["procs"] == 2 and report["backend"] == "gloo"
+    off, small = report["settings"]
+    assert (off["setting"], off["buckets"]) == ("off", 1)  # megatron: one bucket without overlap
+    assert small["setting"] == "on:20000" and small["buckets"] > 1
+    assert off["grad_elements"] == small["grad_elements"] > 0
+    assert len(off["rounds"]) == 2 * 5 and len(small["rounds"]) == 2  # off: --inner 5 pairs per backward
+    for s in (off, small):
+        assert all(r["raw_s"] > 0 and r["ddp_s"] >= 0 for r in s["rounds"])
+        assert s["forward_backward_sync_s"] >= s["ddp_s"]
+    assert report["median_ratio"] == off["median_ratio"] > 0

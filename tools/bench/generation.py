@@ -10,6 +10,11 @@ paths alternate (cache, no cache, cache, ...) `--repeats` times after one untime
 each, which cancels slow drifts of the machine; each pair's ratio is cache/no-cache
 tokens/s and the median ratio is the headline. The two outputs must be equal token for
 token (greedy with and without the cache is the same computation, reordered).
+
+--before also runs both paths with megatron's own linear and TP-region code
+(parallel.layers.megatron_paths: what the engine ran before GradFreeLinear and
+skip_tp1_regions), alternating with ours in the same loop, and reports its ratio and the
+cached decode's CPU-time speed-up; all four outputs must be equal.
 """
 from __future__ import annotations
 
@@ -37,6 +42,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each path")
+    p.add_argument("--before", action="store_true",
+                   help="also time megatron's own linear and TP-region paths (parallel.layers.megatron_paths), "
+                        "alternating with ours in the same run")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -76,16 +84,44 @@ def timed(engine: Any, prompts: list[list[int]], args: argparse.Namespace,
 
 
 def measure(engine: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
-    outputs = {True: timed(engine, prompts, args, True)[2],  # warm-up, untimed
-               False: timed(engine, prompts, args, False)[2]}
-    wall: dict[bool, list[float]] = {True: [], False: []}
-    cpu: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(args.repeats):
-        for use_cache in (True, False):
-            elapsed, used, tokens = timed(engine, prompts, args, use_cache)
-            wall[use_cache].append(elapsed)
-            cpu[use_cache].append(used)
-            assert tokens == outputs[use_cache], "greedy generation is not deterministic"
+    """Cache and no cache alternating; with --before, megatron's own layer paths
+    (parallel.layers.megatron_paths) alternate with ours in the same loop."""
+    import contextlib
+
+    from parallel.layers import megatron_paths
+
+    variants = ["ours", "megatron"] if args.before else ["ours"]
+    scope = {"ours": contextlib.nullcontext, "megatron": lambda: megatron_paths(engine.module)}
+    wall = {(v, c): [] for v in variants for c in (True, False)}
+    cpu = {(v, c): [] for v in variants for c in (True, False)}
+    outputs = {}
+    for v in variants:
+        with scope[v]():
+            for use_cache in (True, False):  # warm-up, untimed
+                outputs[(v, use_cache)] = timed(engine, prompts, args, use_cache)[2]
+    for r in range(args.repeats):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            with scope[v]():
+                for use_cache in (True, False):
+                    elapsed, used, tokens = timed(engine, prompts, args, use_cache)
+                    wall[(v, use_cache)].append(elapsed)
+                    cpu[(v, use_cache)].append(used)
+                    assert tokens == outputs[(v, use_cache)], "greedy generation is not deterministic"
+    found = summarize(wall, cpu, outputs, "ours", args)
+    if args.before:
+        found["megatron_paths"] = summarize(wall, cpu, outputs, "megatron", args)
+        found["cache_speedup_vs_megatron_paths_cpu"] = statistics.median(
+            m / o for m, o in zip(cpu[("megatron", True)], cpu[("ours", True)]))
+        found["outputs_equal"] = found["outputs_equal"] and outputs[("ours", True)] == outputs[("megatron", True)]
+    return found
+
+
+def summarize(wall_all: dict[tuple[str, bool], list[float]], cpu_all: dict[tuple[str, bool], list[float]],
+              outputs_all: dict[tuple[str, bool], list[list[int]]], variant: str,
+              args: argparse.Namespace) -> dict[str, Any]:
+    wall = {c: wall_all[(variant, c)] for c in (True, False)}
+    cpu = {c: cpu_all[(variant, c)] for c in (True, False)}
+    outputs = {c: outputs_all[(variant, c)] for c in (True, False)}
     generated = args.batch * args.new
     ratios = [nc / c for c, nc in zip(wall[True], wall[False])]
     cpu_ratios = [nc / c for c, nc in zip(cpu[True], cpu[False])]
@@ -117,6 +153,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     print("pair ratios (cache/no cache): " + " ".join(f"{r:.2f}" for r in summary["pair_ratios"]))
     print(f"median ratio cache/no cache: {summary['median_ratio']:.2f} (from CPU time: "
           f"{summary['median_cpu_time_ratio']:.2f}); outputs equal: {summary['outputs_equal']}")
+    if args.before:
+        before = summary["megatron_paths"]
+        print(f"megatron's paths: cache {before['cache_tokens_per_s_median']:.1f}, no cache "
+              f"{before['nocache_tokens_per_s_median']:.1f} tokens/s; median ratio {before['median_ratio']:.2f} "
+              f"(CPU time {before['median_cpu_time_ratio']:.2f}); pair ratios "
+              + " ".join(f"{r:.2f}" for r in before["pair_ratios"]))
+        print(f"cached decode, megatron's paths / ours (CPU time): {summary['cache_speedup_vs_megatron_paths_cpu']:.2f}")
     report = {"command": " ".join(["python -m tools.bench.generation", *(argv or sys.argv[1:])]),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
