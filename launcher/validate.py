@@ -66,6 +66,8 @@ POSITIVE: tuple[str, ...] = (
     "ppo.rollout_batch",
     "ppo.epochs",
     "ppo.kl_horizon",
+    "eval.pass_k",
+    "eval.bootstrap",
 )
 
 # Optional sizes: None means "derive it", any set value must be >= 1.
@@ -122,7 +124,7 @@ def _check_positive(cfg: DictConfig) -> list[ConfigError]:
     lr = _get(cfg, "optim.lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         errors.append(ConfigError("optim.lr", lr, "must be > 0"))
-    for key in ("ckpt.every", "optim.warmup_steps"):
+    for key in ("ckpt.every", "optim.warmup_steps", "eval.rm_pairs"):
         value = _get(cfg, key)
         if not isinstance(value, int) or value < 0:
             errors.append(ConfigError(key, value, "must be an integer >= 0"))

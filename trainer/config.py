@@ -217,6 +217,16 @@ class EvalConfig:
     report: str = ""
     # More run dirs whose training curves the report plots (e.g. the reward model's).
     runs: str = ""
+    # The oracle pass@k of the baseline (the ceiling): k samples per prompt, right if any is.
+    pass_k: int = 8
+    # Resamples of the paired bootstrap that gives every difference to the baseline its 95%
+    # confidence interval over prompts (seeded with `seed`).
+    bootstrap: int = 2000
+    # Drop the evaluation prompts that are word for word a training prompt of the embedded
+    # world (SFT, preference pairs, RL / rejection-sampling prompts of any run evaluated).
+    decontaminate: bool = True
+    # Held-out pairs (clean labels) for the reward model's accuracy; 0: data.embedded.num_prompts.
+    rm_pairs: int = 0
 
 
 @dataclass

@@ -20,7 +20,7 @@ import random
 from typing import Sequence
 
 from trainer.data.chat import ASSISTANT, Message
-from trainer.data.corpus import TASKS, TaskExample, is_correct, sample_task, wrong_answer
+from trainer.data.corpus import TASKS, TaskExample, is_correct, parse_prompt, sample_task, wrong_answer
 from trainer.data.readers import PreferencePair
 
 SYSTEM_PROMPT = "You are a helpful assistant; answer briefly."
@@ -149,6 +149,14 @@ def eval_prompts(n: int, seed: int, families: Sequence[str] = (), tasks: str = "
     if tasks not in EVAL_TASKS:
         raise ValueError(f"data.embedded.eval_tasks={tasks!r}: must be one of {EVAL_TASKS}")
     return _prompts("eval" if tasks == "heldout" else "eval-seen", n, seed, tasks == "heldout", families)
+
+
+def task_family(prompt_messages: Sequence[Message]) -> str:
+    """The task family (corpus.TASKS) of the last user turn; ValueError if it is no task."""
+    users = [m.content for m in prompt_messages if m.role == "user"]
+    if not users:
+        raise ValueError("task_family: the prompt has no user turn")
+    return parse_prompt(users[-1])[0].name
 
 
 def gold_reward(prompt_messages: Sequence[Message], response_text: str, prefer: str = "correct") -> float:
