@@ -192,6 +192,7 @@ def _check_stage(cfg: DictConfig) -> list[ConfigError]:
     ranges = (("dpo.beta", lambda v: v > 0, "must be > 0"),
               ("dpo.label_smoothing", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
               ("data.embedded.flip", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+              ("data.embedded.same_style", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
               ("sampling.temperature", lambda v: v >= 0, "must be >= 0 (0 is greedy)"),
               ("sampling.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
               ("sampling.top_k", lambda v: v >= 0, "must be >= 0 (0 is off)"),

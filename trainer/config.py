@@ -49,6 +49,9 @@ class EmbeddedDataConfig:
     # brief style "The answer is X.", which only a quarter of the SFT replies use: a property
     # an RLHF policy can learn to show more often).
     prefer: str = "correct"
+    # prefer=correct: the fraction of pairs whose two replies share one style (only the
+    # answer differs); the others draw their styles apart (style says nothing of the label).
+    same_style: float = 0.0
     # What the evaluation prompts ask (best-of-N, PPO/A2C evaluation, stage=eval): "heldout"
     # tasks no training set contains (generalisation), or "seen": tasks of the training space
     # in prompts drawn apart from the training data (what was learned; the default recipe's).

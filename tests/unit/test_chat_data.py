@@ -400,3 +400,15 @@ def test_training_prompts_hold_every_trained_prompt_and_no_heldout_one() -> None
     seen = eval_prompts(200, 0, ["reverse"], "seen")
     assert sum(chat_prepare.prompt_key(p) in keys for p in seen) > 100
     assert {task_family(p) for p in heldout} == {"add", "reverse"}
+
+
+def test_same_style_pairs_differ_only_in_the_answer() -> None:
+    def style(text: str) -> tuple[bool, bool, bool]:
+        return text.startswith("Sure!"), text.endswith("Happy to help!"), text.startswith("The answer is")
+
+    assert preference_pairs(200, 0, 0.2) == preference_pairs(200, 0, 0.2, same_style=0.0)
+    apart = preference_pairs(100, 0, 0.0)
+    assert sum(style(p.chosen) != style(p.rejected) for p in apart) > 50
+    for pair in preference_pairs(100, 0, 0.0, same_style=1.0):
+        assert gold_reward(pair.prompt, pair.chosen) == 1.0 and gold_reward(pair.prompt, pair.rejected) == 0.0
+        assert style(pair.chosen) == style(pair.rejected)

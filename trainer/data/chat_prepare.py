@@ -66,7 +66,7 @@ def pairs(cfg: Any) -> list[PreferencePair]:
     fmt, emb = str(cfg.data.format), cfg.data.embedded
     if fmt == "embedded":
         return chat_embedded.preference_pairs(int(emb.num_pairs), int(emb.seed), float(emb.flip),
-                                              _families(emb), str(emb.prefer))
+                                              _families(emb), str(emb.prefer), same_style=float(emb.same_style))
     if fmt in PAIR_FORMATS:
         return read_pairs(fmt, str(cfg.data.path))
     raise ValueError(f"data.format={fmt!r}: preference stages read one of {PAIR_FORMATS}")
