@@ -87,6 +87,8 @@ POSITIVE: tuple[str, ...] = (
     "ppo.kl_horizon",
     "ppo.n_samples_per_prompt",
     "ppo.max_sampling_rounds",
+    "eval.pass_k",
+    "eval.bootstrap",
 )
 
 # Optional sizes: None means "derive it", any set value must be >= 1.
@@ -152,7 +154,8 @@ def _check_positive(cfg: DictConfig) -> list[ConfigError]:
     if not isinstance(lr, (int, float)) or lr <= 0:
         errors.append(ConfigError("optim.lr", lr, "must be > 0"))
     errors += _check_ranges(cfg)
-    for key in ("ckpt.every", "optim.warmup_steps", "train.fault.nan_grad_step", "train.fault.nan_grad_rank"):
+    for key in ("ckpt.every", "optim.warmup_steps", "train.fault.nan_grad_step", "train.fault.nan_grad_rank",
+                "eval.rm_pairs"):
         value = _get(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             errors.append(ConfigError(key, value, "must be an integer >= 0"))
@@ -254,6 +257,7 @@ def _check_stage(cfg: DictConfig) -> list[ConfigError]:
     ranges = (("dpo.beta", lambda v: v > 0, "must be > 0"),
               ("dpo.label_smoothing", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
               ("data.embedded.flip", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+              ("data.embedded.same_style", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
               ("sampling.temperature", lambda v: v >= 0, "must be >= 0 (0 is greedy)"),
               ("sampling.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
               ("sampling.top_k", lambda v: v >= 0, "must be >= 0 (0 is off)"),

@@ -49,6 +49,9 @@ class EmbeddedDataConfig:
     # brief style "The answer is X.", which only a quarter of the SFT replies use: a property
     # an RLHF policy can learn to show more often).
     prefer: str = "correct"
+    # prefer=correct: the fraction of pairs whose two replies share one style (only the
+    # answer differs); the others draw their styles apart (style says nothing of the label).
+    same_style: float = 0.0
     # What the evaluation prompts ask (best-of-N, PPO/A2C evaluation, stage=eval): "heldout"
     # tasks no training set contains (generalisation), or "seen": tasks of the training space
     # in prompts drawn apart from the training data (what was learned; the default recipe's).
@@ -287,6 +290,16 @@ class EvalConfig:
     report: str = ""
     # More run dirs whose training curves the report plots (e.g. the reward model's).
     runs: str = ""
+    # The oracle pass@k of the baseline (the ceiling): k samples per prompt, right if any is.
+    pass_k: int = 8
+    # Resamples of the paired bootstrap that gives every difference to the baseline its 95%
+    # confidence interval over prompts (seeded with `seed`).
+    bootstrap: int = 2000
+    # Drop the evaluation prompts that are word for word a training prompt of the embedded
+    # world (SFT, preference pairs, RL / rejection-sampling prompts of any run evaluated).
+    decontaminate: bool = True
+    # Held-out pairs (clean labels) for the reward model's accuracy; 0: data.embedded.num_prompts.
+    rm_pairs: int = 0
 
 
 @dataclass

@@ -52,16 +52,34 @@ def test_smoke_recipe_runs_every_stage_resumes_and_reports(tmp_path: Path) -> No
     assert (run / "tokenizer" / "tokenizer" / "tokenizer.model").is_file()
     assert json.loads((run / "best_of_n" / "best_of_n.json").read_text())["prompts"] == 16
     results = json.loads((run / "eval" / "eval.json").read_text())
-    assert list(results["models"]) == list(METHODS) and results["prompts"] == 16
+    assert list(results["models"]) == list(METHODS) and results["drawn"] == 16
+    # Prompts that are word for word training prompts are gone, and counted per family.
+    removed = results["removed"]
+    assert results["prompts"] + removed["total"] == 16 and sum(removed["by_family"].values()) == removed["total"]
+    assert sum(results["families"].values()) == results["prompts"] >= 1
     for name, summary in results["models"].items():
         assert set(summary) >= {"gold_reward", "accuracy", "win_rate", "kl", "response_length", "reward"}, name
         assert 0.0 <= summary["accuracy"] <= 1.0 and summary["response_length"] > 0
+        assert ("greedy_accuracy" in summary) == (name != "best_of_n"), name
+        assert set(results["by_family"][name]) == set(results["families"]), name
     assert results["models"]["sft"]["kl"] == 0.0 and results["models"]["sft"]["win_rate"] == 0.5
+    # Every other method's differences to SFT, with paired bootstrap intervals around them.
+    assert set(results["vs_baseline"]) == set(METHODS) - {"sft"}
+    for name, found in results["vs_baseline"].items():
+        acc = found["all"]["accuracy"]
+        assert acc["lo"] <= acc["diff"] <= acc["hi"] and acc["n"] == results["prompts"], name
+        assert acc["significant"] == (acc["lo"] > 0 or acc["hi"] < 0)
+        assert set(found["by_family"]) == set(results["families"]), name
+    ceiling = results["pass_k"]
+    assert ceiling["k"] == 2 and ceiling["model"] == "sft"
+    assert results["models"]["sft"]["accuracy"] <= ceiling["all"] <= 1.0
     assert 0.0 <= results["rm_accuracy"] <= 1.0
+    assert set(results["rm_accuracy_by_family"]) <= set(results["families"]) | set(removed["by_family"])
     report = (run / "report.md").read_text()
     for name in METHODS:
         assert f"\n| {name} | " in report, name
-    for png in ("report_losses.png", "report_rl.png", "report_gold.png"):
+    assert "## Differences to the baseline (sft)" in report and "## Per task family" in report
+    for png in ("report_losses.png", "report_rl.png", "report_gold.png", "report_families.png"):
         assert (run / png).stat().st_size > 1000
     assert f"report: {run / 'report.md'}" in out
 
@@ -77,7 +95,14 @@ def test_smoke_recipe_runs_every_stage_resumes_and_reports(tmp_path: Path) -> No
                   eval={**config["eval"], "report": str(tp2 / "report.md")})
     run_trainer(tp2, config, world_size=2)
     again = json.loads((tp2 / "eval.json").read_text())
-    assert again["rm_accuracy"] == pytest.approx(results["rm_accuracy"])
-    for name, summary in results["models"].items():
-        for key, value in summary.items():
-            assert again["models"][name][key] == pytest.approx(value, rel=1e-4, abs=1e-4), (name, key)
+    for key in ("rm_accuracy", "rm_accuracy_by_family", "pass_k", "removed", "models", "by_family", "vs_baseline"):
+        assert _numbers(again[key]) == pytest.approx(_numbers(results[key]), rel=1e-4, abs=1e-4), key
+
+
+def _numbers(tree: object, prefix: str = "") -> dict[str, float]:
+    """A nested result as {"a/b/c": number} (pytest.approx compares flat dicts only)."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _numbers(sub, f"{prefix}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _numbers(sub, f"{prefix}/{i}").items()}
+    return {prefix: float(tree)} if isinstance(tree, (int, float)) else {}

@@ -86,9 +86,13 @@ BAD: list[tuple[list[str], str]] = [
     (["stage=rm", "rm.reduce=max"], "rm.reduce"),
     (["data.overlong=wrap"], "data.overlong"),
     (["data.embedded.flip=1.5"], "data.embedded.flip"),
+    (["data.embedded.same_style=-0.5"], "data.embedded.same_style"),
     (["sampling.top_p=0"], "sampling.top_p"),
     (["sampling.temperature=-1"], "sampling.temperature"),
     (["best_of_n.n=0"], "best_of_n.n"),
+    (["eval.pass_k=0"], "eval.pass_k"),
+    (["eval.bootstrap=0"], "eval.bootstrap"),
+    (["eval.rm_pairs=-1"], "eval.rm_pairs"),
     (["run.dir={file}"], "run.dir"),
     # RLHF (ppo, a2c): inputs, enumerations, ranges, rollout arithmetic
     (["stage=ppo", "ppo.reward={file}"], "ckpt.load"),

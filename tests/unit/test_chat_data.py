@@ -31,6 +31,7 @@ from trainer.data.chat_embedded import (
     is_heldout,
     preference_pairs,
     sft_conversations,
+    task_family,
     train_prompts,
 )
 from trainer.data.corpus import TaskExample, generate_corpus, parse_prompt
@@ -382,3 +383,32 @@ def test_chat_prepare_prompts_train_and_eval_splits() -> None:
     brief = chat_prepare.gold_of(cfg)
     assert brief is not None and correct is not None
     assert brief(prompt, "The answer is nothing.") == 1.0 and correct(prompt, "The answer is nothing.") == 0.0
+
+
+def test_training_prompts_hold_every_trained_prompt_and_no_heldout_one() -> None:
+    emb = OmegaConf.structured(Config).data.embedded
+    emb.num_chats, emb.num_pairs, emb.families = 300, 300, "add,reverse"
+    keys = chat_prepare.embedded_training_prompts(emb)
+    for conv in sft_conversations(300, 0, ["add", "reverse"]):
+        last_user = max(i for i, m in enumerate(conv) if m.role == "user")
+        assert chat_prepare.prompt_key(conv[:last_user + 1]) in keys
+    assert chat_prepare.prompt_key(preference_pairs(300, 0, 0.0, ["add", "reverse"])[7].prompt) in keys
+    # Held-out tasks are in no training set; the small task space of "reverse" (60 words x 3
+    # phrasings) makes most of its seen-task evaluation prompts training prompts.
+    heldout = eval_prompts(200, 0, ["add", "reverse"], "heldout")
+    assert not any(chat_prepare.prompt_key(p) in keys for p in heldout)
+    seen = eval_prompts(200, 0, ["reverse"], "seen")
+    assert sum(chat_prepare.prompt_key(p) in keys for p in seen) > 100
+    assert {task_family(p) for p in heldout} == {"add", "reverse"}
+
+
+def test_same_style_pairs_differ_only_in_the_answer() -> None:
+    def style(text: str) -> tuple[bool, bool, bool]:
+        return text.startswith("Sure!"), text.endswith("Happy to help!"), text.startswith("The answer is")
+
+    assert preference_pairs(200, 0, 0.2) == preference_pairs(200, 0, 0.2, same_style=0.0)
+    apart = preference_pairs(100, 0, 0.0)
+    assert sum(style(p.chosen) != style(p.rejected) for p in apart) > 50
+    for pair in preference_pairs(100, 0, 0.0, same_style=1.0):
+        assert gold_reward(pair.prompt, pair.chosen) == 1.0 and gold_reward(pair.prompt, pair.rejected) == 0.0
+        assert style(pair.chosen) == style(pair.rejected)

@@ -20,7 +20,7 @@ import random
 from typing import Sequence
 
 from trainer.data.chat import ASSISTANT, Message
-from trainer.data.corpus import TASKS, TaskExample, is_correct, sample_task, wrong_answer
+from trainer.data.corpus import TASKS, TaskExample, is_correct, parse_prompt, sample_task, wrong_answer
 from trainer.data.readers import PreferencePair
 
 SYSTEM_PROMPT = "You are a helpful assistant; answer briefly."
@@ -81,11 +81,12 @@ def sft_conversations(n: int, seed: int, families: Sequence[str] = ()) -> list[l
 
 
 def preference_pairs(n: int, seed: int, flip: float = 0.0, families: Sequence[str] = (),
-                     prefer: str = "correct", test: str = "") -> list[PreferencePair]:
+                     prefer: str = "correct", test: str = "", same_style: float = 0.0) -> list[PreferencePair]:
     """`n` pairs: prompt [system?, user] and two replies.
 
     prefer="correct": chosen answers correctly, rejected gives a plausible wrong answer; each
-    in a style drawn on its own (so style is independent of the label). prefer="brief": both answer correctly, chosen
+    in a style drawn on its own (so style is independent of the label), or with probability
+    `same_style` both in the chosen one's style (only the answer differs). prefer="brief": both answer correctly, chosen
     in BRIEF_STYLE, rejected in one of the other styles (only the style differs).
     With probability `flip` (simulated rater noise) chosen and rejected are swapped. The swap
     draw happens for every item, so the same (n, seed) gives the same pairs for any flip,
@@ -106,8 +107,12 @@ def preference_pairs(n: int, seed: int, flip: float = 0.0, families: Sequence[st
         # The two styles are drawn apart: style says nothing about the label, so a reward model
         # must score the answer, not the phrasing (with one style per pair, each style's reward
         # level is free and best-of-N would pick by style).
-        good = _reply(ex, ex.answer, rng.choice(ANSWER_STYLES))
-        bad = _reply(ex, wrong_answer(ex, rng), rng.choice(ANSWER_STYLES))
+        good_style = rng.choice(ANSWER_STYLES)
+        good = _reply(ex, ex.answer, good_style)
+        bad_answer, bad_style = wrong_answer(ex, rng), rng.choice(ANSWER_STYLES)
+        if same_style > 0.0 and rng.random() < same_style:
+            bad_style = good_style  # only the answer differs: the sharpest signal
+        bad = _reply(ex, bad_answer, bad_style)
         if prefer == "brief":
             good = _reply(ex, ex.answer, BRIEF_STYLE)
             bad = _reply(ex, ex.answer, rng.choice(ANSWER_STYLES[:-1]))
@@ -149,6 +154,14 @@ def eval_prompts(n: int, seed: int, families: Sequence[str] = (), tasks: str = "
     if tasks not in EVAL_TASKS:
         raise ValueError(f"data.embedded.eval_tasks={tasks!r}: must be one of {EVAL_TASKS}")
     return _prompts("eval" if tasks == "heldout" else "eval-seen", n, seed, tasks == "heldout", families)
+
+
+def task_family(prompt_messages: Sequence[Message]) -> str:
+    """The task family (corpus.TASKS) of the last user turn; ValueError if it is no task."""
+    users = [m.content for m in prompt_messages if m.role == "user"]
+    if not users:
+        raise ValueError("task_family: the prompt has no user turn")
+    return parse_prompt(users[-1])[0].name
 
 
 def gold_reward(prompt_messages: Sequence[Message], response_text: str, prefer: str = "correct") -> float:

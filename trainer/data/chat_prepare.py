@@ -66,7 +66,7 @@ def pairs(cfg: Any) -> list[PreferencePair]:
     fmt, emb = str(cfg.data.format), cfg.data.embedded
     if fmt == "embedded":
         return chat_embedded.preference_pairs(int(emb.num_pairs), int(emb.seed), float(emb.flip),
-                                              _families(emb), str(emb.prefer))
+                                              _families(emb), str(emb.prefer), same_style=float(emb.same_style))
     if fmt in PAIR_FORMATS:
         return read_pairs(fmt, str(cfg.data.path))
     raise ValueError(f"data.format={fmt!r}: preference stages read one of {PAIR_FORMATS}")
@@ -98,6 +98,30 @@ def prompts(cfg: Any, split: str = "eval") -> list[list[Message]]:
         last = max(i for i, m in enumerate(conv) if m.role == "assistant")
         found.append(conv[:last])
     return found
+
+
+PromptKey = tuple[tuple[str, str], ...]
+
+
+def prompt_key(messages: list[Message]) -> PromptKey:
+    """A prompt's messages as a hashable key: two prompts are word for word the same iff equal."""
+    return tuple((m.role, m.content) for m in messages)
+
+
+def embedded_training_prompts(emb: Any) -> set[PromptKey]:
+    """Every prompt a post-training stage can train on in the embedded world of `emb`
+    (a data.embedded config): each SFT conversation's prompt before every assistant turn,
+    every preference pair's prompt (RM, DPO; both splits) and the RL / rejection-sampling
+    training prompts (data.embedded.num_chats of them; rejection sampling takes a prefix)."""
+    families = _families(emb)
+    seed = int(emb.seed)
+    keys: set[PromptKey] = set()
+    for conv in chat_embedded.sft_conversations(int(emb.num_chats), seed, families):
+        keys.update(prompt_key(conv[:i]) for i, m in enumerate(conv) if m.role == "assistant")
+    keys.update(prompt_key(p.prompt) for p in chat_embedded.preference_pairs(
+        int(emb.num_pairs), seed, float(emb.flip), families, str(emb.prefer)))
+    keys.update(prompt_key(p) for p in chat_embedded.train_prompts(int(emb.num_chats), seed, families))
+    return keys
 
 
 def gold_of(cfg: Any) -> Optional[Callable[[list[Message], str], float]]:
