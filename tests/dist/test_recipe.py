@@ -44,7 +44,7 @@ def test_smoke_recipe_runs_every_stage_resumes_and_reports(tmp_path: Path) -> No
     second = _recipe(run)
     assert second.returncode == 0, second.stderr[-3000:]
     out = second.stdout
-    assert "recipe step 1/10 tokenizer: done, skipped" in out and "step 2/10 pretrain: done, skipped" in out
+    assert "recipe step 1/12 tokenizer: done, skipped" in out and "step 2/12 pretrain: done, skipped" in out
     assert "continuing at step 2" in (run / "sft" / "logs" / "rank_0.log").read_text()
     for name in TRAINED:
         assert (run / name / "checkpoints" / "latest").read_text().strip().startswith("step_"), name
