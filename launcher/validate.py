@@ -15,9 +15,9 @@ from typing import Any, Callable, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from parallel.config import LORA_TARGETS, ModelConfig, lora_targets, model_split_problems
+from parallel.config import LORA_TARGETS, lora_targets, model_split_problems
 from trainer.data.chat_embedded import EVAL_TASKS, PREFERENCES  # torch-free (random, sentencepiece)
-from launcher.errors import ConfigError, format_value  # noqa: F401  (re-exported: launcher.validate.ConfigError)
+from launcher.errors import ConfigError  # (also imported from here: launcher.validate.ConfigError)
 from trainer.config import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 from trainer.data.corpus import TASKS  # torch-free
 from launcher.validate_run import check_local_device, check_tokenizer

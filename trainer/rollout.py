@@ -35,6 +35,7 @@ from trainer.data.chat_prepare import longest_row, response_rows
 from trainer.data.tokenizer import Tokenizer
 from trainer.generation import generate
 from trainer.losses import outputs_only
+from trainer.rewards import group_spread
 
 Batch = dict[str, torch.Tensor]
 
@@ -108,6 +109,8 @@ class Rollout:
     values: torch.Tensor  # [n, S] critic V(s_t) (0 without a critic)
     group_size: int = 1
     sources: dict[str, torch.Tensor] = field(default_factory=dict)  # reward_<key>: [n] raw scores
+    # [n] the reward before ppo.reward_norm / reward_clip (what is logged as "reward"); empty: score
+    raw_score: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     has_critic: bool = True
     # [n] 1.0 where the response takes part in the loss (0: an overlong response, ppo.overlong_mask)
     loss_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
@@ -289,16 +292,16 @@ def rollout_metrics(r: Rollout, dp_group: Any, gold: Optional[list[float]] = Non
     err = (returns - r.values).double() * mask
     ret = returns.double() * mask
     adv = (r.advantages.double() * mask) if r.advantages.numel() else torch.zeros_like(mask)
-    groups = r.score.double().view(-1, r.group_size)
-    flat = float(((groups.max(-1).values - groups.min(-1).values) <= 1e-9).sum()) if r.group_size > 1 else 0.0
-    keys = sorted(k for k in r.sources if k != "reward_raw")
-    raw = r.sources.get("reward_raw", r.score)  # the reward before ppo.reward_norm / reward_clip
+    groups = len(r.responses) // r.group_size
+    flat = float((~group_spread(r.score, r.group_size)).sum()) if r.group_size > 1 else 0.0
+    keys = sorted(r.sources)
+    raw = r.raw_score if r.raw_score.numel() else r.score
     sums = torch.tensor([
         n, float(raw.double().sum()), float(((r.logp - r.ref_logp).double() * mask).sum()),
         float(mask.sum()), float((r.entropy.double() * mask).sum()), float(sum(r.finished)),
         float((r.values.double() * mask).sum()), float(ret.sum()), float((ret * ret).sum()),
         float(err.sum()), float((err * err).sum()), float(sum(gold) if gold else 0.0),
-        float(adv.sum()), float((adv * adv).sum()), float(adv.abs().sum()), flat, float(groups.shape[0]),
+        float(adv.sum()), float((adv * adv).sum()), float(adv.abs().sum()), flat, float(groups),
         *[float(r.sources[k].double().sum()) for k in keys],
     ], dtype=torch.float64)
     s = dp_sum(sums, dp_group).tolist()

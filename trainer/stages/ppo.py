@@ -264,10 +264,10 @@ class PPOStage(Stage):
         (ppo.reward_norm, reward_clip), the log-probs of actor and reference, the values."""
         rows, responses, finished, score, parts = collected
         reward = self.reward.post(score, self._dp_sum)
-        parts = {**parts, "reward_raw": score.float()}  # logged as "reward": before normalisation
         ids = [self.train_ids[i] for i in rows]
         rollout = self.rollouts.score(ids, responses, finished, (reward, parts))
         rollout.prompt_index, rollout.group_size = rows, self.group
+        rollout.raw_score = score.float()  # logged as "reward": before normalisation and clipping
         if bool(self.cfg.ppo.overlong_mask):
             rollout.loss_rows = torch.tensor(finished, dtype=torch.float32)
         return rollout
