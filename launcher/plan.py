@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from parallel.config import lora_targets  # torch-free
+from chatforge_config.parallel import lora_targets  # torch-free
 
 GB = 1e9
 

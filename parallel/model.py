@@ -17,7 +17,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from parallel.config import LoRAConfig, ModelConfig, ParallelConfig
+from chatforge_config.parallel import LoRAConfig, ModelConfig, ParallelConfig
 from parallel.groups import Topology
 from parallel.layers import CausalMaskElision, gpt_layer_spec, skip_tp1_regions, use_grad_free_linears
 from parallel.lora import ADAPTER_NAMES, add_adapters, lora_active

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from parallel.config import ModelConfig
+from chatforge_config.parallel import ModelConfig
 
 Tensors = dict[str, torch.Tensor]
 

@@ -1,7 +1,7 @@
 """Schemas owned by parallel/: model shape, parallel layout, optimizer.
 
-Torch-free on purpose: the launcher imports these to compose and validate a config
-without paying for (or depending on) torch.
+Standard library only (chatforge_config/__init__.py): the launcher imports these to compose
+and validate a config without paying for (or depending on) torch.
 """
 from __future__ import annotations
 
