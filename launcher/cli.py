@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from launcher.local import run_local
+from launcher.resolved import write_resolved_config
 from launcher.schema import CONF_DIR, register_schema
 from launcher.sweep import PointResult, summarize
 from launcher.validate import find_errors
@@ -155,30 +156,6 @@ def _fail(lines: list[str]) -> int:
     for line in lines:
         print(f"chatforge: error: {line}", file=sys.stderr)
     return USAGE_ERROR
-
-
-def _absolute(paths: str) -> str:
-    """Absolute form of a (comma-separated) path value: ranks may start elsewhere (srun)."""
-    if not paths:
-        return paths
-    return ",".join(str(Path(p.strip()).expanduser().absolute()) for p in paths.split(","))
-
-
-def write_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
-    """Write `cfg`, resolved and with absolute paths, to <run_dir>/config.yaml atomically
-    (a rank or a resumed run never reads half a file)."""
-    cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):
-        cfg.run.dir = str(run_dir.absolute())
-        cfg.data.path = _absolute(cfg.data.path)
-        cfg.tokenizer.path = _absolute(cfg.tokenizer.path)
-        cfg.ckpt.load = _absolute(cfg.ckpt.load)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
-    return path
 
 
 def world_size(cfg: DictConfig) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from parallel.config import lora_targets  # torch-free
+from chatforge_config.parallel import ffn_size, lora_targets
 
 GB = 1e9
 
@@ -55,15 +55,6 @@ def layout_of(cfg: Any) -> Layout:
     world = int(cfg.cluster.nodes) * ppn
     tp, pp = int(cfg.parallel.tp), int(cfg.parallel.pp)
     return Layout(world, tp, pp, world // (tp * pp), ppn)
-
-
-def ffn_size(model: Any) -> int:
-    """Mirrors parallel.model.ffn_size (which imports torch, so not importable here)."""
-    if model.ffn_hidden_size:
-        return int(model.ffn_hidden_size)
-    if model.activation == "swiglu":
-        return ((int(8 * model.hidden_size / 3) + 63) // 64) * 64
-    return 4 * int(model.hidden_size)
 
 
 def padded_vocab(cfg: Any) -> int:

@@ -1,6 +1,6 @@
 """`chatforge recipe=<name>`: the whole pipeline as a chain of ordinary runs.
 
-A recipe (conf/recipe/<name>.yaml, schema launcher.config.RecipeConfig) lists steps in
+A recipe (conf/recipe/<name>.yaml, schema chatforge_config.launcher.RecipeConfig) lists steps in
 order; step <name> is one chatforge run in <run.dir>/<name>/ with `stage=<its stage>`, the
 recipe's overrides (recipe.common, then the step's), the command line's (every step), the user's per-step
 `recipe.steps.<name>.extra`, and its inputs: config keys set to earlier steps' run dirs

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
-from trainer.config import Config
+from chatforge_config.trainer import Config
 
 SCHEMA_NAME = "base_config"
 

@@ -218,8 +218,8 @@ def active_job(run_dir: Path) -> Optional[str]:
 def run_recipe_on_slurm(steps: list[Any], root: Path, wait_for_all: bool) -> int:
     """Submit a recipe's unfinished steps as a chain of dependent jobs (launcher.recipe),
     then, with cluster.wait, follow them in order until the last one ends."""
-    from launcher.cli import write_resolved_config
     from launcher.recipe import REPORT, submit_steps
+    from launcher.resolved import write_resolved_config
 
     def submit_step(cfg: DictConfig, step: Any, after: list[str]) -> str:
         return submit(cfg, write_resolved_config(cfg, Path(str(cfg.run.dir))), after, step.name).job_id

@@ -15,12 +15,13 @@ from typing import Any, Callable, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from parallel.config import LORA_TARGETS, lora_targets, model_split_problems
-from trainer.data.chat_embedded import EVAL_TASKS, PREFERENCES  # torch-free (random, sentencepiece)
-from launcher.errors import ConfigError  # (also imported from here: launcher.validate.ConfigError)
-from trainer.config import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
-from trainer.data.corpus import TASKS  # torch-free
+from chatforge_config.parallel import LORA_TARGETS, lora_targets, model_split_problems
+from chatforge_config.trainer import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from launcher.errors import ConfigError
+from launcher.validate_cluster import find_cluster_errors
 from launcher.validate_run import check_local_device, check_tokenizer
+from trainer.data.chat_embedded import EVAL_TASKS, PREFERENCES  # torch-free (random, sentencepiece)
+from trainer.data.corpus import TASKS  # torch-free
 from trainer.data.readers import sniff  # torch-free (json)
 from trainer.stages import NO_TRAINING, RL_STAGES, SAMPLING_STAGES, STAGE_DATA, STAGE_HEAD, STAGES
 
@@ -345,7 +346,7 @@ def _bad_keys(errors: Iterable[ConfigError]) -> set[str]:
 
 def find_errors(cfg: DictConfig | Any, pending: frozenset[str] = frozenset(),
                 device: bool = True) -> list[ConfigError]:
-    """Every problem in `cfg` (a composed DictConfig or a trainer.config.Config), in order.
+    """Every problem in `cfg` (a composed DictConfig or a chatforge_config.trainer.Config), in order.
     `pending`: paths that do not exist yet but will (a recipe's earlier steps write them).
     `device`: check that cluster=local's ranks can run on this machine's devices (not for
     `chatforge plan`, which may describe a run for another machine)."""
@@ -371,8 +372,6 @@ def find_errors(cfg: DictConfig | Any, pending: frozenset[str] = frozenset(),
     if device and not errors:
         errors.extend(ConfigError(*problem) for problem in check_local_device(cfg))
     if "cluster.name" not in _bad_keys(errors):
-        from launcher.validate_cluster import find_cluster_errors  # imports this module
-
         errors.extend(find_cluster_errors(cfg, layout_ok=not _bad_keys(errors) & set(LAYOUT_KEYS)))
     return errors
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.validate import ConfigError
+from launcher.errors import ConfigError
 
 # sbatch options the launcher sets itself from cluster.* keys (or that would break the job);
 # sbatch_extra must not set them behind the launcher's back.

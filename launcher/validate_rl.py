@@ -11,9 +11,9 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from chatforge_config.parallel import ModelConfig, model_split_problems
+from chatforge_config.trainer import GROUP_ESTIMATORS, NAMED_REWARD_SOURCES as NAMED_SOURCES
 from launcher.errors import ConfigError
-from parallel.config import ModelConfig, model_split_problems
-from trainer.config import GROUP_ESTIMATORS, NAMED_REWARD_SOURCES as NAMED_SOURCES
 
 RANGES = (("ppo.critic_lr", lambda v: v >= 0, "must be >= 0 (0 is optim.lr)"),
           ("ppo.clip", lambda v: v > 0, "must be > 0"),

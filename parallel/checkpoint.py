@@ -5,21 +5,26 @@ checkpoint saved at one TP/PP/DP layout loads at another. The distributed optimi
 saved in its `fully_reshardable` form (canonical per-parameter state) for the same reason.
 
 The commit protocol (temporary directory, manifest, rename, `latest`) lives in
-trainer/checkpointing.py; this module only moves tensors.
+trainer/checkpointing.py; this module moves tensors, and holds the other megatron pieces
+that protocol uses (the model-parallel RNG tracker's states, the async writer's queue and
+helper process), so that parallel/ stays the only importer of megatron.
 """
 from __future__ import annotations
 
 import functools
+import multiprocessing
+from multiprocessing.managers import SyncManager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
 from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 from megatron.core.optimizer import distrib_optimizer
 
-from parallel.config import LoRAConfig
+from chatforge_config.parallel import LoRAConfig
 from parallel.engine import Engine
 from parallel.lora import is_adapter_key, merge_adapters, swapped_adapters
 
@@ -198,3 +203,32 @@ def merge_saved_adapters(engine: Engine, directory: Path, source: str, lora: LoR
     if engine.trainable and engine.lora is None and hasattr(engine.optimizer, "reload_model_params"):
         engine.optimizer.reload_model_params()  # mixed precision: refresh the fp32 copies
     return merged
+
+
+# -- what the trainer's checkpoints need from megatron besides the shards ------------------
+def rng_tracker_states() -> dict[str, Any]:
+    """The model-parallel RNG tracker's named generator states (dropout inside TP regions),
+    saved with each rank's other RNG states so that a resume draws the same numbers."""
+    return tensor_parallel.get_cuda_rng_tracker().get_states()
+
+
+def set_rng_tracker_states(states: dict[str, Any]) -> None:
+    tensor_parallel.get_cuda_rng_tracker().set_states(states)
+
+
+def async_calls_queue() -> AsyncCallsQueue:
+    """The queue that runs async saves' requests (save_engines(async_save=True)) and their
+    finalize functions (the trainer's commit)."""
+    return AsyncCallsQueue()
+
+
+def start_writer_service(initializer: Callable[[], None]) -> None:
+    """Megatron's torch_dist writer collects results through a multiprocessing Manager that
+    it starts (spawn) on the first save, about 2-5 s. Start it here instead, calling
+    `initializer` in the helper process first (the trainer's makes it ignore stop signals);
+    a no-op once started."""
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=initializer)
+        # The queue proxy keeps its manager alive; megatron only looks up the queue.
+        filesystem_async._results_queue = manager.Queue()

@@ -21,7 +21,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import param_is_not_shared
 
-from parallel.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig
+from chatforge_config.parallel import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig
 from parallel.groups import Topology
 from parallel.guard import NonFinite, check_world, local_grads_bad, local_loss_bad, poison
 from parallel.lora import freeze_base, lora_active

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
-from parallel.config import ModelConfig, ParallelConfig, layout_problems
+from chatforge_config.parallel import ModelConfig, ParallelConfig, layout_problems
 
 
 class LayoutError(ValueError):

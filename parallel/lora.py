@@ -42,7 +42,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from parallel.config import LORA_TARGETS, LoRAConfig, lora_targets
+from chatforge_config.parallel import LORA_TARGETS, LoRAConfig, lora_targets
 
 ADAPTER_NAMES: tuple[str, ...] = ("lora_a", "lora_b")
 

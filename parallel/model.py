@@ -17,7 +17,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from parallel.config import LoRAConfig, ModelConfig, ParallelConfig
+from chatforge_config.parallel import LoRAConfig, ModelConfig, ParallelConfig, ffn_size
 from parallel.groups import Topology
 from parallel.layers import CausalMaskElision, gpt_layer_spec, skip_tp1_regions, use_grad_free_linears
 from parallel.lora import ADAPTER_NAMES, add_adapters, lora_active
@@ -37,15 +37,6 @@ def padded_vocab_size(vocab_size: int, model: ModelConfig, parallel: ParallelCon
             f"parallel.tp={parallel.tp}: does not divide the padded vocabulary {padded} "
             f"(model.make_vocab_size_divisible_by={multiple}); use a multiple of the TP size")
     return padded
-
-
-def ffn_size(model: ModelConfig) -> int:
-    if model.ffn_hidden_size:
-        return model.ffn_hidden_size
-    if model.activation == "swiglu":
-        # LLaMA's 2/3 * 4h keeps SwiGLU's parameter count equal to a 4h GELU MLP.
-        return ((int(8 * model.hidden_size / 3) + 63) // 64) * 64
-    return 4 * model.hidden_size
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ DATA = REPO / "tests" / "data"
 
 def write_config(run_dir: Path, overrides: dict[str, Any]) -> Path:
     """A resolved trainer config (what the launcher writes), from the schema defaults."""
-    from trainer.config import Config
+    from chatforge_config.trainer import Config
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(overrides))
     cfg.run.dir = str(run_dir)

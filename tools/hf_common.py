@@ -1,6 +1,6 @@
 """Hugging Face <-> chatforge: one name table per architecture (used in both directions), the
 tensor layouts they differ in, and the config translation. Imported by tools/hf_import.py and
-tools/hf_export.py; needs torch, not transformers (export takes parallel.model.ffn_size, hence megatron).
+tools/hf_export.py; needs torch, not transformers or megatron.
 
 chatforge's names are the Megatron GPTModel's parameter names at TP1/PP1 (`{i}` is the layer):
 the sharded checkpoint stores them by global key, so a TP1/PP1 copy loads at any TP/PP.
@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from parallel.config import ModelConfig
+from chatforge_config.parallel import ModelConfig, ffn_size
 
 Tensors = dict[str, torch.Tensor]
 
@@ -296,8 +296,6 @@ def hf_config_kwargs(arch: Arch, model: ModelConfig, vocab: int, eod: int, pad: 
                               "architectures": [arch.score_class if score_bias is not None else arch.lm_class]}
     if score_bias is not None:
         common.update({"num_labels": 1, SCORE_BIAS_KEY: score_bias, "tie_word_embeddings": False})
-    from parallel.model import ffn_size
-
     if arch is GPT2:
         return {**common, "n_positions": model.seq_length, "n_embd": model.hidden_size,
                 "n_layer": model.num_layers, "n_head": model.num_attention_heads,

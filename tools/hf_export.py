@@ -41,7 +41,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role
 
 def export_config(step_dir: Path) -> Any:
     """The checkpoint's config, set to load in this one process (TP1/PP1, fp32)."""
-    from parallel.config import ParallelConfig
+    from chatforge_config.parallel import ParallelConfig
     from trainer import runtime
 
     cfg = runtime.load_config(step_dir / "config.yaml")

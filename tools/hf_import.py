@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from parallel.config import ModelConfig
+from chatforge_config.parallel import ModelConfig
 from tools.hf_common import Arch, Tensors, convert_to_ours, model_from_hf
 from trainer.data.tokenizer import HF_FILE, SPM_FILE, Tokenizer, add_chat_pieces, canonical_name
 
@@ -84,7 +84,7 @@ def model_name(hf_dir: Path) -> str:
 
 def run_config(fields: dict[str, Any], name: str, out_dir: Path) -> Any:
     """The resolved chatforge config of the imported run (schema defaults + model.*)."""
-    from trainer.config import Config
+    from chatforge_config.trainer import Config
 
     cfg = OmegaConf.structured(Config)
     cfg.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), {**fields, "name": name})

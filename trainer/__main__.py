@@ -13,7 +13,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m trainer <run-dir>/config.yaml", file=sys.stderr)
         return 2
     from trainer import runtime
-    from trainer.checkpointing import CheckpointError
+    from trainer.checkpoint_files import CheckpointError
     from trainer.loop import run
     from trainer.rewards import RewardError
     from trainer.stages import build_stage

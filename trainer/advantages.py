@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from trainer.config import ADVANTAGE_ESTIMATORS
+from chatforge_config.trainer import ADVANTAGE_ESTIMATORS
 from trainer.losses import (gae, group_advantages, group_centered, kl_estimate, kl_penalty_rewards, masked_moments,
                             whiten)
 
@@ -81,7 +81,7 @@ ESTIMATORS: dict[str, Callable[[Any, AdvantageSettings, DpSum], None]] = {
     "reinforce_pp": _reinforce_pp,
     "reinforce_pp_baseline": _reinforce_pp,
 }
-assert tuple(ESTIMATORS) == ADVANTAGE_ESTIMATORS, "one name list: trainer/config.py"
+assert tuple(ESTIMATORS) == ADVANTAGE_ESTIMATORS, "one name list: chatforge_config/trainer.py"
 
 
 def add_advantages(rollout: Any, settings: AdvantageSettings, dp_sum: DpSum) -> None:

@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-from trainer.config import SamplingConfig
+from chatforge_config.trainer import SamplingConfig
 
 HELP = __doc__ or ""
 KEYS = ("ckpt", "system", "examples", "seed") + tuple(f"sampling.{f.name}" for f in fields(SamplingConfig))

@@ -23,10 +23,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -36,50 +34,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from trainer.checkpoint_files import (MANIFEST, STEP_DIR, CheckpointError, atomic_write_text, describe,
+                                     files_of_rank, fsync_dir, gather_problems, step_dir_name)
 from trainer.data.tokenizer import TOKENIZER_FILES, canonical_name, find_tokenizer
+from trainer.lora_checkpoint import LORA_FILE, load_checkpoint, lora_records_of
 from trainer.runtime import RunContext
-
-STEP_DIR = re.compile(r"^step_(\d{6,})$")
-MANIFEST = "manifest.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be trusted; the message names the file."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def file_crc(path: Path, chunk: int = 1 << 22) -> int:
-    crc = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            crc = zlib.crc32(block, crc)
-    return crc
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -113,81 +72,24 @@ def load_state_file(path: Path) -> Any:
 
 # -- RNG --------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    from megatron.core import tensor_parallel
+    from parallel.checkpoint import rng_tracker_states
 
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+             "torch": torch.get_rng_state(), "tracker": rng_tracker_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
+    from parallel.checkpoint import set_rng_tracker_states
 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    set_rng_tracker_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# -- integrity --------------------------------------------------------------------------
-def _files_of_rank(directory: Path, rank: int, world: int) -> list[Path]:
-    """The files this rank checksums: torch_dist writes `__<rank>_<n>.distcp`; the rest
-    (metadata, common state, train state) are rank 0's. RNG files belong to their rank."""
-    mine = []
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = path.relative_to(directory)
-        owner = 0
-        match = re.match(r"^__(\d+)_\d+\.distcp$", path.name) or re.match(r"^rank_(\d+)\.pt$", path.name)
-        if match:
-            owner = int(match.group(1)) % world
-        if owner == rank and rel.name != MANIFEST:
-            mine.append(path)
-    return mine
-
-
-def _describe(directory: Path, files: list[Path]) -> dict[str, dict[str, int]]:
-    out = {}
-    for path in files:
-        _fsync_file(path)
-        out[str(path.relative_to(directory))] = {"size": path.stat().st_size, "crc32": file_crc(path)}
-    return out
-
-
-def verify(directory: Path, rank: int = 0, world: int = 1) -> list[str]:
-    """Problems with a checkpoint directory, each naming its file. Each rank checks its
-    share of the files (round robin); callers gather the lists."""
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        return [f"{manifest_path}: missing (the checkpoint was never committed)"]
-    try:
-        manifest = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError) as exc:
-        return [f"{manifest_path}: unreadable manifest ({exc})"]
-    problems = []
-    for index, (rel, expected) in enumerate(sorted(manifest.items())):
-        if index % world != rank:
-            continue
-        path = directory / rel
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != expected["size"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {expected['size']} (truncated?)")
-        elif file_crc(path) != expected["crc32"]:
-            problems.append(f"{path}: checksum mismatch (corrupt)")
-    return problems
-
-
-def _gather_problems(directory: Path) -> list[str]:
-    world, rank = dist.get_world_size(), dist.get_rank()
-    mine = verify(directory, rank, world)
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, mine)
-    return [p for part in gathered for p in part]
 
 
 @dataclass
@@ -200,23 +102,14 @@ class Resume:
 
 
 def _start_writer_service() -> None:
-    """Megatron's torch_dist writer collects results through a multiprocessing Manager that
-    it starts (spawn) on the first save, about 2-5 s. Start it now, in the background, so
-    that it overlaps model building instead of stalling the first save; and start it so
-    that it ignores SIGTERM/SIGUSR1: SLURM sends those to every process of the job step, and
-    a Manager killed by them breaks the save they ask for (ConnectionRefusedError)."""
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
+    """Start the checkpoint writer's helper process now, in the background, so that it
+    overlaps model building instead of stalling the first save (parallel.checkpoint.
+    start_writer_service); it ignores SIGTERM/SIGUSR1: SLURM sends those to every process of
+    the job step, and a helper killed by them breaks the save they ask for."""
+    from parallel.checkpoint import start_writer_service
     from trainer.signals import ignore_stop_signals
 
-    if filesystem_async._results_queue is None:
-        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=ignore_stop_signals)
-        # The queue proxy keeps its manager alive; megatron only looks up the queue.
-        filesystem_async._results_queue = manager.Queue()
+    start_writer_service(ignore_stop_signals)
 
 
 class Checkpointer:
@@ -260,14 +153,14 @@ class Checkpointer:
     def choose(self, directory: Path) -> Path:
         """`directory` if it verifies; else (with ckpt.fallback) the newest older complete
         checkpoint that does; else an error naming the bad files."""
-        problems = _gather_problems(directory)
+        problems = gather_problems(directory)
         if not problems:
             return directory
         if self.cfg.fallback:
             step = int(STEP_DIR.match(directory.name).group(1))  # type: ignore[union-attr]
             for older in reversed([s for s in self.complete_steps() if s < step]):
                 candidate = self.root / step_dir_name(older)
-                if not _gather_problems(candidate):
+                if not gather_problems(candidate):
                     if self.ctx.is_main:
                         print(f"[chatforge] checkpoint {directory} is damaged ({problems[0]}); "
                               f"falling back to {candidate} (ckpt.fallback=true)", flush=True)
@@ -296,11 +189,11 @@ class Checkpointer:
         if request is None:
             commit()
             return
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        from parallel.checkpoint import async_calls_queue
 
         request.add_finalize_fn(commit)
         if self._queue is None:
-            self._queue = AsyncCallsQueue()
+            self._queue = async_calls_queue()
         self._queue.schedule_async_request(request)
         self.last_saved_step = step
 
@@ -317,8 +210,6 @@ class Checkpointer:
             }
             _torch_save(train_state, tmp / "train_state.pt")
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.ctx.cfg, resolve=True))
-            from trainer.lora_checkpoint import LORA_FILE, lora_records_of
-
             records = lora_records_of(engines)
             if records:  # LoRA engines saved only what trains: where their bases are
                 (tmp / LORA_FILE).write_text(json.dumps(records, indent=1, sort_keys=True))
@@ -329,7 +220,7 @@ class Checkpointer:
     def _commit(self, tmp: Path, step: int) -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
         self.ctx.barrier()  # every rank's files exist before anyone lists them
-        described = _describe(tmp, _files_of_rank(tmp, rank, world))
+        described = describe(tmp, files_of_rank(tmp, rank, world))
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, described)  # the agreement: all parts are done
         if self.ctx.is_main:
@@ -339,7 +230,7 @@ class Checkpointer:
             final = self.root / step_dir_name(step)
             shutil.rmtree(final, ignore_errors=True)  # an uncommitted leftover of this step
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             atomic_write_text(self.root / "latest", final.name + "\n")
             self._apply_retention(step)
         self.last_saved_step = step
@@ -390,8 +281,6 @@ class Checkpointer:
     def load(self, resume: Resume, engines: dict[str, Any], stage: Any) -> int:
         """Restore engines (and, for a full-state resume, everything else); return the step
         to continue from."""
-        from trainer.lora_checkpoint import load_checkpoint
-
         sources: dict[str, str] = {}
         keep_init: tuple[str, ...] = ()
         if resume.foreign:
@@ -508,10 +397,8 @@ def load_weights(path: str | Path, engines: dict[str, Any], model: Any, sources:
     policies, a critic); collective. The checkpoint is verified first. `keep_init`: model
     key prefixes left at their initial values (a scalar head on an LM checkpoint). Returns
     its step directory."""
-    from trainer.lora_checkpoint import load_checkpoint
-
     directory = resolve_load_path(Path(path))
-    problems = _gather_problems(directory)
+    problems = gather_problems(directory)
     if problems:
         raise CheckpointError("damaged checkpoint: " + "; ".join(problems[:5]))
     mismatch = model_mismatch(source_model(directory), model)

@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 import torch
 
+from chatforge_config.trainer import SamplingConfig  # the schema of the `sampling` config group
 from parallel.inference import IncrementalForward, real_vocab_size
-from trainer.config import SamplingConfig  # the schema of the `sampling` config group
 
 
 def sampling_config(cfg: Any) -> SamplingConfig:

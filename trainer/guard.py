@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from trainer.config import FaultConfig
+from chatforge_config.trainer import FaultConfig
 
 
 class BadSteps:

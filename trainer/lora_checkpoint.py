@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from trainer.checkpointing import CheckpointError, _gather_problems
+from trainer.checkpoint_files import CheckpointError, gather_problems
 
 LORA_FILE = "lora.json"
 
@@ -60,8 +60,8 @@ def load_checkpoint(engines: dict[str, Any], directory: Path, with_optimizer: bo
     then the adapters: they stay adapters where this engine continues them (a full-state
     load: resume), else they are folded into the weights (merge on load). A LoRA engine that
     loads weights only keeps its own adapters at their init and records the base."""
+    from chatforge_config.parallel import LoRAConfig
     from parallel.checkpoint import load_engines, merge_saved_adapters
-    from parallel.config import LoRAConfig
 
     sources = sources or {}
     records = lora_records(directory)
@@ -79,7 +79,7 @@ def load_checkpoint(engines: dict[str, Any], directory: Path, with_optimizer: bo
             continue
         record = records[source]
         base_dir = Path(record["base"]["dir"])
-        problems = _gather_problems(base_dir) if base_dir.is_dir() else [f"{base_dir}: does not exist"]
+        problems = gather_problems(base_dir) if base_dir.is_dir() else [f"{base_dir}: does not exist"]
         if problems:
             raise CheckpointError(f"{directory / LORA_FILE}: the base of {source!r} cannot be loaded: {problems[0]}")
         if with_optimizer and not _same_adapters(engine, record["lora"]):

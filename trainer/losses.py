@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from trainer.config import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from chatforge_config.trainer import KL_ESTIMATORS, LOSS_AGGREGATIONS
 
 LossTerms = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 

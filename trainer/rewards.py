@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from trainer.config import NAMED_REWARD_SOURCES as NAMED_SOURCES
+from chatforge_config.trainer import NAMED_REWARD_SOURCES as NAMED_SOURCES
 from trainer.data.chat import Message
 
 

@@ -27,10 +27,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from chatforge_config.trainer import SamplingConfig
 from parallel.engine import Engine, all_reduce_host
 from parallel.vocab import logprobs_and_entropy
 from trainer.batches import join_outputs, lm_inputs, split_rows
-from trainer.config import SamplingConfig
 from trainer.data.chat_prepare import longest_row, response_rows
 from trainer.data.tokenizer import Tokenizer
 from trainer.generation import generate

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import numpy as np
 from omegaconf import OmegaConf
 
-from trainer.config import Config
+from chatforge_config.trainer import Config
 
 
 def load_config(path: str | Path) -> Config:

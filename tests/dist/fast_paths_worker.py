@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from chatforge_config.parallel import ModelConfig, OptimConfig, ParallelConfig
 from parallel import cpu_compat
-from parallel.config import ModelConfig, OptimConfig, ParallelConfig
 from parallel.dist import init_distributed, local_env, shutdown
 from parallel.groups import init_groups
 

@@ -69,8 +69,8 @@ def _sequence_parallel_flags(module: torch.nn.Module) -> dict[str, bool]:
 
 def main(out_dir: str, *layouts: str) -> None:
     torch.set_num_threads(1)
+    from chatforge_config.parallel import ModelConfig, ParallelConfig
     from parallel import cpu_compat
-    from parallel.config import ModelConfig, ParallelConfig
     from parallel.dist import init_distributed, local_env, shutdown
     from parallel.groups import destroy_groups, init_groups
 

@@ -233,7 +233,7 @@ def test_missing_ckpt_load_is_an_error_not_random_init(tmp_path: Path) -> None:
 def test_async_save_commits_the_same_checkpoints(tmp_path: Path) -> None:
     """Async saves write in the background and commit later; the run ends only after the
     last commit, and resuming from an async checkpoint is as exact as from a sync one."""
-    from trainer.checkpointing import verify
+    from trainer.checkpoint_files import verify
 
     cfg = _config(parallel={"distributed_optimizer": False}, train={"steps": 8, "exit_interval": 6},
                   ckpt={"every": 2, "keep": 10, "async_save": True})

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, read_metrics, run_trainer, write_config
-from trainer.checkpointing import verify
+from trainer.checkpoint_files import verify
 
 pytestmark = pytest.mark.dist
 

@@ -122,7 +122,7 @@ def hf_outputs(directory: Path, ids: torch.Tensor) -> torch.Tensor:
 def worker(spec_path: str) -> None:
     """For each case {ckpt, tp, pp, tokens, out}: the checkpoint at that layout, full logits
     (or scalar values) of the tokens, saved by one rank of the last pipeline stage."""
-    from parallel.config import ParallelConfig
+    from chatforge_config.parallel import ParallelConfig
     from parallel.engine import Engine
     from trainer import runtime
     from trainer.batches import lm_inputs

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.dist
 
 SCALAR = """
 import torch
+from chatforge_config.parallel import ModelConfig, ParallelConfig, OptimConfig
 from parallel import cpu_compat
-from parallel.config import ModelConfig, ParallelConfig, OptimConfig
 from parallel.dist import init_distributed, local_env
 from parallel.groups import init_groups
 init_distributed(local_env()); cpu_compat.apply()
@@ -59,7 +59,7 @@ def test_scalar_head_starts_at_zero_and_trains() -> None:
 
 
 def test_bf16_on_cpu_names_the_key() -> None:
-    code = ("from parallel.config import ModelConfig, ParallelConfig\n"
+    code = ("from chatforge_config.parallel import ModelConfig, ParallelConfig\n"
             "from parallel.model import transformer_config\n"
             "transformer_config(ModelConfig(), ParallelConfig(precision='bf16'))\n")
     out = _run(code)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
+from chatforge_config.trainer import Config
 from launcher.cli import preflight
 from launcher.devices import Gpu, local_gpus
 from launcher.slurm import executor_parameters, sbatch_script
 from launcher.validate import find_errors
-from trainer.config import Config
 
 SHARED = ["cluster.node_local_prefixes=[]"]  # tmp_path is under /tmp
 SLURM = ["cluster=slurm", *SHARED]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tools.tokenizer import train_tokenizer
-from trainer.config import Config
+from chatforge_config.trainer import Config
 from trainer.data import chat_prepare
+from trainer.data.tokenizer_training import train_tokenizer
 from trainer.data.chat import (
     Message,
     prompt_ids,

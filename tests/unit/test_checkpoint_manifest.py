@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpointing import MANIFEST, _describe, verify
+from trainer.checkpoint_files import MANIFEST, describe, verify
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def checkpoint(tmp_path: Path) -> Path:
     (directory / "shards" / "__0_0.distcp").write_bytes(bytes(range(256)) * 40)
     (directory / "shards" / "__1_0.distcp").write_bytes(b"x" * 5000)
     (directory / "train_state.pt").write_bytes(b"state")
-    files = _describe(directory, sorted(p for p in directory.rglob("*") if p.is_file()))
+    files = describe(directory, sorted(p for p in directory.rglob("*") if p.is_file()))
     (directory / MANIFEST).write_text(json.dumps({"step": 4, "files": files}))
     return directory
 
@@ -88,7 +88,8 @@ def test_state_files_load_weights_only(tmp_path: Path) -> None:
     import numpy as np
     import torch
 
-    from trainer.checkpointing import CheckpointError, _torch_save, load_state_file, rng_state
+    from trainer.checkpoint_files import CheckpointError
+    from trainer.checkpointing import _torch_save, load_state_file, rng_state
 
     good = tmp_path / "rng_rank_00000.pt"
     state = rng_state()

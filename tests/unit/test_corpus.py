@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.preprocess import iter_documents
+from trainer.data.preprocess import iter_documents
 from trainer.data.corpus import (
     FAMILIES,
     TASKS,

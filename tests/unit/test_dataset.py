@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import Config
+from chatforge_config.trainer import Config
 from trainer.data.gpt_dataset import SampleLoader, SequenceDataset, split_documents
 from trainer.data.indexed import IndexedTokens, write_indexed
 from trainer.data.prepare import load_prepared, prepare_pretrain_data

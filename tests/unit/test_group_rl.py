@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
+from chatforge_config.trainer import ADVANTAGE_ESTIMATORS
 from launcher.cli import preflight
 from trainer.advantages import ESTIMATORS, AdvantageSettings, add_advantages
-from trainer.config import ADVANTAGE_ESTIMATORS
 from trainer.data.chat import Message
 from trainer.data.readers import read_prompts
 from trainer.losses import aggregate, group_advantages, kl_estimate, ppo_policy_loss

@@ -8,8 +8,8 @@ from typing import Optional
 import pytest
 import torch
 
+from chatforge_config.trainer import FaultConfig
 from parallel.guard import NonFinite, check_world, local_grads_bad, local_loss_bad, poison
-from trainer.config import FaultConfig
 from trainer.guard import BadSteps
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
+from chatforge_config.parallel import ModelConfig
 from launcher.cli import preflight
-from parallel.config import ModelConfig
 from tools.hf_common import (GPT2, LLAMA, Rule, Shape, arch_of, convert_to_ours, convert_to_theirs, expand,
                              grow_rows, hf_config_kwargs, interleave_qkv, model_from_hf, split_qkv, to_ours,
                              to_theirs)

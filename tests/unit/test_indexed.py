@@ -1,4 +1,5 @@
-"""The indexed token format (trainer/data/indexed.py) and text preprocessing (tools/preprocess.py)."""
+"""The indexed token format (trainer/data/indexed.py) and text preprocessing
+(trainer/data/preprocess.py; its command tools/preprocess.py)."""
 from __future__ import annotations
 
 import json
@@ -8,10 +9,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import DATA
-from tools.preprocess import iter_documents, main, preprocess_text
-from tools.tokenizer import train_tokenizer
+from tools.preprocess import main
 from trainer.data.indexed import IndexedTokens, indexed_exists, write_indexed
+from trainer.data.preprocess import iter_documents, preprocess_text
 from trainer.data.tokenizer import Tokenizer
+from trainer.data.tokenizer_training import train_tokenizer
 
 SHAKESPEARE = DATA / "tinyshakespeare.txt"
 

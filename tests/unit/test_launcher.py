@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
+from chatforge_config.trainer import Config
 from launcher.cli import preflight
+from launcher.errors import ConfigError
 from launcher.local import run_local
-from launcher.validate import CHOICES, ConfigError, find_errors, validate
-from trainer.config import Config
+from launcher.validate import CHOICES, find_errors, validate
 
 REPO = Path(__file__).resolve().parents[2]
 CHATFORGE = Path(sys.executable).parent / "chatforge"
@@ -276,8 +277,9 @@ sys.exit(int(os.environ.get("FAKE_EXIT", "0")) if os.environ["RANK"] == "1" else
 
 @pytest.fixture
 def fake_trainer(tmp_path: Path) -> dict[str, str]:
-    """PYTHONPATH with a `trainer` package whose __main__ is ours while trainer.config stays
-    the real one (the stand-in extends its __path__), so the launcher is tested on its own."""
+    """PYTHONPATH with a `trainer` package whose __main__ is ours while the modules the launcher
+    reads (trainer.stages, trainer.exitcodes) stay the real ones (the stand-in extends its
+    __path__), so the launcher is tested on its own."""
     package = tmp_path / "fake" / "trainer"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(f"__path__.append({str(REPO / 'trainer')!r})\n")

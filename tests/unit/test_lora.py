@@ -11,16 +11,16 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
+from chatforge_config.trainer import Config
 from launcher.cli import preflight
 from launcher.plan import lora_params_per_device, memory_per_device
 from launcher.validate import find_errors
 from tests.conftest import REPO
-from trainer.config import Config
 
 PROBE = r"""
 import json, torch, torch.nn.functional as F
+from chatforge_config.parallel import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig
 from parallel import cpu_compat
-from parallel.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig
 from parallel.dist import init_distributed, local_env
 from parallel.groups import init_groups
 init_distributed(local_env()); cpu_compat.apply()

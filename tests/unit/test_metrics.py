@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from chatforge_config.trainer import WandbConfig
 from trainer.metrics import MetricsLogger, format_duration, progress_line, wandb_mode
-from trainer.config import WandbConfig
 
 
 def test_progress_line_shows_tokens_per_s_and_eta() -> None:

@@ -1,4 +1,5 @@
-"""Tokenizer training (tools/tokenizer.py) and the Tokenizer wrapper on real text."""
+"""Tokenizer training (trainer/data/tokenizer_training.py; its command tools/tokenizer.py) and
+the Tokenizer wrapper on real text."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DATA
-from tools.tokenizer import MIN_VOCAB_SIZE, main, train_tokenizer
-from trainer.data.tokenizer import EOD_PIECE, IM_END, IM_START, PAD_PIECE, Tokenizer
+from tools.tokenizer import main
+from trainer.data.tokenizer import EOD_PIECE, IM_END, IM_START, MIN_VOCAB_SIZE, PAD_PIECE, Tokenizer
+from trainer.data.tokenizer_training import train_tokenizer
 
 SHAKESPEARE = DATA / "tinyshakespeare.txt"
 

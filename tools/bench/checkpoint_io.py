@@ -45,8 +45,8 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def _setup(args: argparse.Namespace, run_dir: Path) -> tuple[Any, Any]:
+    from chatforge_config.trainer import Config
     from trainer import runtime
-    from trainer.config import Config
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), {
         "run": {"dir": str(run_dir)}, "logger": "none",

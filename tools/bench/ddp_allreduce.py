@@ -95,7 +95,7 @@ def measure_setting(args: argparse.Namespace, topo: Any, overlap: bool, bucket: 
     import torch
     import torch.distributed as dist
 
-    from parallel.config import ModelConfig, OptimConfig, ParallelConfig
+    from chatforge_config.parallel import ModelConfig, OptimConfig, ParallelConfig
     from parallel.dist import device
     from parallel.engine import Engine
     from trainer.stages.pretrain import lm_forward
@@ -191,8 +191,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from chatforge_config.parallel import ModelConfig, ParallelConfig
     from parallel import cpu_compat
-    from parallel.config import ModelConfig, ParallelConfig
     from parallel.dist import init_distributed, local_env, shutdown
     from parallel.groups import init_groups
 

@@ -54,8 +54,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def build_engine(args: argparse.Namespace) -> Any:
+    from chatforge_config.parallel import ModelConfig, ParallelConfig
     from parallel import cpu_compat
-    from parallel.config import ModelConfig, ParallelConfig
     from parallel.dist import init_distributed, local_env
     from parallel.groups import init_groups
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import os
 import shutil
@@ -171,7 +172,7 @@ def fastest_layer_spec() -> tuple[str, str]:
 def pretrain(ctx: Any, s: Sizes, peak: Optional[float], recompute: str, layer_spec: str) -> dict[str, Any]:
     import torch
 
-    from parallel.config import ModelConfig, OptimConfig, ParallelConfig
+    from chatforge_config.parallel import ModelConfig, OptimConfig, ParallelConfig
     from parallel.engine import Engine
     from tools.bench.pretrain_throughput import Shape, model_flops_per_token
     from trainer.stages.pretrain import lm_forward
@@ -238,7 +239,7 @@ def pretrain_section(ctx: Any, s: Sizes, peak: Optional[float], layer_spec: str,
 def generation(ctx: Any, s: Sizes, layer_spec: str) -> dict[str, Any]:
     import torch
 
-    from parallel.config import ModelConfig, ParallelConfig
+    from chatforge_config.parallel import ModelConfig, ParallelConfig
     from parallel.engine import Engine
     from trainer.generation import SamplingConfig, generate
 
@@ -269,7 +270,7 @@ def rl_config(stage: str, s: Sizes, work: Path, overrides: dict[str, Any]) -> An
     user gets), then the benchmark's sizes."""
     from omegaconf import OmegaConf
 
-    from trainer.config import Config
+    from chatforge_config.trainer import Config
 
     preset = OmegaConf.load(REPO / "conf" / "stage" / f"{stage}.yaml")
     ours = _merge({"logger": "none", "seed": 1, "model": dict(s.rl_model),
@@ -434,8 +435,8 @@ def start(s: Sizes, threads: int) -> Any:
     """One rank (whatever launched us), its process group and TP1/PP1 groups."""
     from omegaconf import OmegaConf
 
+    from chatforge_config.trainer import Config
     from trainer import runtime
-    from trainer.config import Config
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
         os.environ.pop(name, None)
@@ -450,20 +451,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     skip = set(filter(None, args.skip.split(",")))
     s = sizes(args.tiny)
     ctx = start(s, 1 if args.tiny else max(1, os.cpu_count() or 1))
-    import megatron.core
     import torch
 
+    # Its distribution's version: parallel/ is the only importer of megatron.
+    megatron_core = importlib.metadata.version("megatron-core")
     info = device_info(args.peak_tflops)
     if s.precision == "bf16" and not torch.cuda.is_available():
         raise SystemExit("python -m tools.bench.gpu: no CUDA device; run with --tiny on a CPU")
     layer_spec, why = fastest_layer_spec()
     print(f"[gpu-bench] {info['device']} ({info['device_count']} GPU(s)), peak {info['peak_tflops']} TFLOP/s "
-          f"({info['peak_source']}); torch {torch.__version__}, megatron-core {megatron.core.__version__}; {why}",
+          f"({info['peak_source']}); torch {torch.__version__}, megatron-core {megatron_core}; {why}",
           flush=True)
     root = args.work_dir.resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="chatforge-gpu-bench-"))
     report: dict[str, Any] = {"bench": "gpu", "command": " ".join(["python -m tools.bench.gpu", *(
         argv if argv is not None else sys.argv[1:])]), "tiny": args.tiny, **info, "torch": torch.__version__,
-        "megatron_core": megatron.core.__version__}
+        "megatron_core": megatron_core}
     try:
         if "pretrain" not in skip:
             report["pretrain"] = pretrain_section(ctx, s, info["peak_tflops"], layer_spec, why)

@@ -50,7 +50,8 @@ def wait_first_step(run_dir: Path, t0: float, timeout: float = 300) -> float:
 
 
 def write_config(run_dir: Path, overrides: list[str]) -> Path:
-    from launcher.cli import preflight, write_resolved_config
+    from launcher.cli import preflight
+    from launcher.resolved import write_resolved_config
 
     points, errors = preflight([*overrides, f"run.dir={run_dir}"], multirun=False)
     assert not errors, errors

@@ -137,7 +137,7 @@ def plan_memory(cfg: Any, lora_rank: int) -> dict[str, Any]:
 
 # -- the run ------------------------------------------------------------------------------
 def _config(args: argparse.Namespace, root: Path) -> Any:
-    from trainer.config import Config
+    from chatforge_config.trainer import Config
 
     return OmegaConf.merge(OmegaConf.structured(Config), {
         "stage": {"name": "pretrain"}, "logger": "none", "seed": 1,
@@ -154,7 +154,7 @@ def _config(args: argparse.Namespace, root: Path) -> Any:
 
 
 def _engines(cfg: Any, ctx: Any, names: list[str]) -> dict[str, Any]:
-    from parallel.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig
+    from chatforge_config.parallel import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig
     from parallel.engine import Engine
 
     model = ModelConfig(**OmegaConf.to_container(cfg.model))

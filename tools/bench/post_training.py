@@ -28,8 +28,8 @@ import torch
 
 def _engines(args: argparse.Namespace) -> tuple[Any, Any]:
     torch.set_num_threads(args.threads)
+    from chatforge_config.parallel import ModelConfig, OptimConfig, ParallelConfig
     from parallel import cpu_compat
-    from parallel.config import ModelConfig, OptimConfig, ParallelConfig
     from parallel.dist import init_distributed, local_env
     from parallel.engine import Engine
     from parallel.groups import init_groups

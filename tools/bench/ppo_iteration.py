@@ -126,7 +126,7 @@ def resolved_yaml(run_dir: Path, overrides: dict[str, Any]) -> str:
     """The resolved trainer config the launcher would write (schema defaults + overrides)."""
     from omegaconf import OmegaConf
 
-    from trainer.config import Config
+    from chatforge_config.trainer import Config
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(overrides))
     cfg.run.dir = str(run_dir)
@@ -159,9 +159,9 @@ def train_run(run_dir: Path, overrides: dict[str, Any], threads: int) -> float:
 def build_stage(args: argparse.Namespace, run_dir: Path, sft: Path, rm: Path) -> tuple[Any, Any]:
     from omegaconf import OmegaConf
 
+    from chatforge_config.trainer import Config
     from trainer import runtime
     from trainer.checkpointing import load_weights
-    from trainer.config import Config
     from trainer.stages import build_stage as make
 
     for name in RANK_VARIABLES:

@@ -54,7 +54,7 @@ class Shape:
 def corpus_tokens(vocab: int, num_docs: int, seed: int) -> tuple[torch.Tensor, int]:
     """The embedded corpus, tokenized by a tokenizer trained with tools.tokenizer; documents
     joined by EOD into one stream (as the pretraining data is). -> (stream, tokenizer vocab)."""
-    from tools.tokenizer import train_tokenizer
+    from trainer.data.tokenizer_training import train_tokenizer
     from trainer.data.corpus import generate_corpus
     from trainer.data.tokenizer import Tokenizer
 
@@ -159,8 +159,8 @@ class PlainTrainer:
 # -- ours -----------------------------------------------------------------------------------
 class OursTrainer:
     def __init__(self, shape: Shape, tokenizer_vocab: int, seed: int) -> None:
+        from chatforge_config.parallel import ModelConfig, OptimConfig, ParallelConfig
         from parallel import cpu_compat
-        from parallel.config import ModelConfig, OptimConfig, ParallelConfig
         from parallel.dist import init_distributed, local_env
         from parallel.groups import init_groups
         from trainer.stages.pretrain import lm_forward

@@ -152,7 +152,7 @@ def resolve_tokenizer(cfg: Any, run_dir: Path, texts: Callable[[], list[str]]) -
 
         source = tokenizer_of(resolve_load_path(Path(str(cfg.ckpt.load))))
         return Path(shutil.copyfile(source, own.with_name(canonical_name(source))))
-    from tools.tokenizer import train_tokenizer
+    from trainer.data.tokenizer_training import train_tokenizer
 
     corpus = run_dir / "data" / "tokenizer_corpus.txt"
     corpus.parent.mkdir(parents=True, exist_ok=True)

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from tools.preprocess import preprocess_text
-from tools.tokenizer import check_files, train_tokenizer
 from trainer.data.corpus import generate_corpus
 from trainer.data.gpt_dataset import split_documents
 from trainer.data.indexed import IndexedTokens, atomic_write, indexed_exists
+from trainer.data.preprocess import preprocess_text
+from trainer.data.tokenizer_training import check_files, train_tokenizer
 
 MARKER = "prepared.json"
 FORMATS: tuple[str, ...] = ("embedded", "text")

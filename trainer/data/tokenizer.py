@@ -5,7 +5,7 @@ library's format, GPT-2 style byte-level BPE and most open models) or a sentence
 `.model` (ours, or a Llama-style `tokenizer.model`). Both offer the interface the stages
 use: encode/decode, vocab_size, pad_id, eod_id, im_start_id, im_end_id, id_to_piece, path.
 
-The special pieces (and the ids tools/tokenizer.py gives them when it trains a model):
+The special pieces (and the ids tokenizer_training.py gives them when it trains a model):
 
     0  <|pad|>         padding; never a training target
     1  <unk>           sentencepiece requires one; byte fallback means it is never produced
@@ -34,9 +34,9 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 # Pieces encoded from literal text (sentencepiece user_defined_symbols), in id order.
 CHAT_PIECES: tuple[str, ...] = (IM_START, IM_END)
-# pad, unk, eod, then the chat pieces: ids 0..4 in a tokenizer trained by tools/tokenizer.py.
+# pad, unk, eod, then the chat pieces: ids 0..4 in a tokenizer trained by tokenizer_training.py.
 NUM_SPECIAL: int = 3 + len(CHAT_PIECES)
-# A tokenizer trained by tools/tokenizer.py has byte fallback: every byte is a piece.
+# A tokenizer trained by tokenizer_training.py has byte fallback: every byte is a piece.
 NUM_BYTE_PIECES = 256
 # Specials + byte pieces + at least one learned piece. Sentencepiece also needs one piece
 # per distinct character of the training text (at character_coverage=1): see min_vocab_for.
@@ -143,7 +143,7 @@ class Tokenizer:
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece model: ours (tools/tokenizer.py) or a Llama-style tokenizer.model."""
+    """A sentencepiece model: ours (tokenizer_training.py) or a Llama-style tokenizer.model."""
 
     def __init__(self, model_path: str | Path) -> None:
         self.path = self._open(model_path)

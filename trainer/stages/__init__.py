@@ -54,7 +54,7 @@ STAGE_HEAD: dict[str, str] = {"rm": "scalar"}
 # critic, with its optimizer) and whether the stage trains at all.
 ROWS_PER_SAMPLE: dict[str, int] = {"rm": 2, "dpo": 2}
 # RL stages: the reference and the reward model at most (the launcher's plan counts what the
-# config builds: trainer.config.CRITIC_ESTIMATORS, ppo.kl_coef, ppo.reward_funcs).
+# config builds: chatforge_config.trainer.CRITIC_ESTIMATORS, ppo.kl_coef, ppo.reward_funcs).
 FROZEN_MODELS: dict[str, int] = {"eval": 2, "dpo": 1, "best_of_n": 2, "rejection_sampling": 2, "ppo": 2, "a2c": 2,
                                  "grpo": 2, "dr_grpo": 2, "rloo": 2, "reinforce_pp": 2}
 EXTRA_TRAINED_MODELS: dict[str, int] = {"ppo": 1, "a2c": 1}
@@ -75,7 +75,7 @@ def model_counts(cfg: Any) -> tuple[int, int]:
     stage = str(cfg.stage.name)
     if stage not in RL_STAGES:
         return FROZEN_MODELS.get(stage, 0), EXTRA_TRAINED_MODELS.get(stage, 0)
-    from trainer.config import CRITIC_ESTIMATORS
+    from chatforge_config.trainer import CRITIC_ESTIMATORS
 
     ppo = cfg.ppo
     critic = str(ppo.advantage_estimator) in CRITIC_ESTIMATORS

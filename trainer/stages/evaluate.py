@@ -44,11 +44,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from parallel.config import ModelConfig
+from chatforge_config.parallel import ModelConfig
+from chatforge_config.trainer import SamplingConfig
 from parallel.engine import Engine
 from trainer.batches import join_outputs, pair_collate, split_rows
-from trainer.checkpointing import CheckpointError, resolve_load_path, source_model, tokenizer_of
-from trainer.config import SamplingConfig
+from trainer.checkpoint_files import CheckpointError
+from trainer.checkpointing import resolve_load_path, source_model, tokenizer_of
 from trainer.data.chat import Message, prompt_ids
 from trainer.data.chat_embedded import task_family
 from trainer.data.chat_prepare import (embedded_training_prompts, gold_of, heldout_pairs, longest_row, pair_arrays,

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from chatforge_config.trainer import CRITIC_ESTIMATORS
 from parallel.engine import Engine, StepResult
 from parallel.lora import WithoutAdapters
 from trainer.advantages import AdvantageSettings, add_advantages
 from trainer.batches import split_rows
 from trainer.checkpointing import load_weights
-from trainer.config import CRITIC_ESTIMATORS
 from trainer.data.chat import Message, prompt_ids
 from trainer.data.chat_prepare import gold_of, prepare_chat_data, prepare_rl_prompts
 from trainer.data.gpt_dataset import ArrayDataset, SampleLoader

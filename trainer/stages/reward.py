@@ -7,10 +7,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from parallel.config import ModelConfig
+from chatforge_config.parallel import ModelConfig
 from parallel.engine import Engine
 from trainer.batches import causal_mask, join_outputs, pair_collate, split_rows
-from trainer.checkpointing import CheckpointError, load_weights, resolve_load_path, source_model, tokenizer_of
+from trainer.checkpoint_files import CheckpointError
+from trainer.checkpointing import load_weights, resolve_load_path, source_model, tokenizer_of
 from trainer.data.chat_prepare import longest_row, prepare_chat_data, response_rows
 from trainer.data.gpt_dataset import ArrayDataset, SampleLoader
 from trainer.data.tokenizer import Tokenizer

@@ -1,12 +1,12 @@
 """Schemas owned by parallel/: model shape, parallel layout, optimizer.
 
-Torch-free on purpose: the launcher imports these to compose and validate a config
-without paying for (or depending on) torch.
+Standard library only (chatforge_config/__init__.py): the launcher imports these to compose
+and validate a config without paying for (or depending on) torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -36,6 +36,17 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     # lm: next-token logits over the vocabulary; scalar: one value per token (reward model, critic).
     head: str = "lm"
+
+
+def ffn_size(model: Any) -> int:
+    """The MLP width `model` (a ModelConfig or its DictConfig) builds: model.ffn_hidden_size,
+    or its default, derived here once for the model builder and the launcher's plan."""
+    if model.ffn_hidden_size:
+        return int(model.ffn_hidden_size)
+    if model.activation == "swiglu":
+        # LLaMA's 2/3 * 4h keeps SwiGLU's parameter count equal to a 4h GELU MLP.
+        return ((int(8 * model.hidden_size / 3) + 63) // 64) * 64
+    return 4 * int(model.hidden_size)
 
 
 @dataclass

@@ -1,15 +1,16 @@
 """Schemas owned by the trainer and the root config that ties every group together.
 
-Torch-free: the launcher composes and validates with these. Every default is written here
-once; YAML files under conf/ only hold values that differ from these defaults.
+Standard library only (chatforge_config/__init__.py says why): the launcher composes and
+validates with these. Every default is written here once; YAML files under conf/ only hold
+values that differ from these defaults.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-from launcher.config import ClusterConfig, RecipeConfig
-from parallel.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig
+from chatforge_config.launcher import ClusterConfig, RecipeConfig
+from chatforge_config.parallel import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig
 
 
 @dataclass
