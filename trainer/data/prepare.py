@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from tools.tokenizer import check_files, train_tokenizer
 from trainer.data.corpus import generate_corpus
 from trainer.data.gpt_dataset import split_documents
 from trainer.data.indexed import IndexedTokens, atomic_write, indexed_exists
+from trainer.data.readers import read_texts
+from trainer.data.sources import columns_of, has_text_files
 
 MARKER = "prepared.json"
 FORMATS: tuple[str, ...] = ("embedded", "text")
@@ -95,8 +98,14 @@ def _check_marker(cfg: Any, marker: Path) -> None:
 
 def _source_files(cfg: Any, data_dir: Path) -> list[Path]:
     fmt = str(cfg.data.format)
-    if fmt == "text":
+    if fmt == "text" and has_text_files(str(cfg.data.path)):
         return _text_files(cfg)
+    if fmt == "text":  # a data set's `text` column (trainer/data/sources.py)
+        corpus = data_dir / "text_corpus.txt"
+        docs = read_texts(str(cfg.data.path), columns_of(cfg))
+        # One document a row: blank lines inside one would split it (tools/preprocess.py).
+        atomic_write(corpus, ("\n\n".join(re.sub(r"\n\s*\n", "\n", d.strip()) for d in docs) + "\n").encode("utf-8"))
+        return [corpus]
     corpus = data_dir / "corpus.txt"
     docs = generate_corpus(int(cfg.data.embedded.num_docs), int(cfg.data.embedded.seed))
     # Blank lines separate documents, which is how preprocess_text splits them back.
