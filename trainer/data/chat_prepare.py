@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -34,7 +33,7 @@ from trainer.data.packing import ChatSample, build_packed, build_padded, fit_sam
 from trainer.data.readers import (PreferencePair, PromptItem, detect_format, read_conversations, read_pairs,
                                   read_prompts)
 from trainer.data.sources import columns_of as columns
-from trainer.data.tokenizer import Tokenizer, canonical_name, find_tokenizer
+from trainer.data.tokenizer import Tokenizer, copy_tokenizer, find_tokenizer
 from trainer.stages import STAGE_DATA
 
 Arrays = dict[str, np.ndarray]
@@ -154,12 +153,12 @@ def resolve_tokenizer(cfg: Any, run_dir: Path, texts: Callable[[], list[str]]) -
         source = Path(str(cfg.tokenizer.path))
         if not source.is_file():
             raise FileNotFoundError(f"tokenizer.path: file not found: {source}")
-        return Path(shutil.copyfile(source, own.with_name(canonical_name(source))))
+        return copy_tokenizer(source, own.parent)
     if cfg.ckpt.load:
         from trainer.checkpointing import resolve_load_path, tokenizer_of
 
         source = tokenizer_of(resolve_load_path(Path(str(cfg.ckpt.load))))
-        return Path(shutil.copyfile(source, own.with_name(canonical_name(source))))
+        return copy_tokenizer(source, own.parent)  # with its chat template, if it has one
     from tools.tokenizer import train_tokenizer
 
     corpus = run_dir / "data" / "tokenizer_corpus.txt"
