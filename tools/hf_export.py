@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from tools.hf_common import Arch, Tensors, arch_of, convert_to_theirs, hf_config_kwargs
+from trainer.data.chat_template import TEMPLATE_FILES
 from trainer.data.tokenizer import (CHAT_PIECES, IM_END, SentencePieceTokenizer, Tokenizer,
                                     canonical_name)
 
@@ -116,6 +117,8 @@ def write_tokenizer(out_dir: Path, tok_path: Path, tok: Tokenizer, seq_length: i
         "chat_template": CHAT_TEMPLATE,
     }
     template = tok.chat_template  # an imported model's own: the one it was trained with
+    for stale in TEMPLATE_FILES[1:]:  # only tokenizer_config.json holds the template here
+        (out_dir / stale).unlink(missing_ok=True)
     if template is not None:
         config["chat_template"] = template.config.template
         if template.config.bos_token:

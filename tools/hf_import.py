@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -32,8 +31,8 @@ from omegaconf import OmegaConf
 
 from parallel.config import ModelConfig
 from tools.hf_common import Arch, Tensors, convert_to_ours, model_from_hf
-from trainer.data.chat_template import TEMPLATE_FILE, read_template_config
-from trainer.data.tokenizer import HF_FILE, SPM_FILE, Tokenizer, add_chat_pieces, canonical_name
+from trainer.data.chat_template import read_template_config
+from trainer.data.tokenizer import HF_FILE, SPM_FILE, Tokenizer, add_chat_pieces, canonical_name, copy_tokenizer
 
 
 def read_config(hf_dir: Path) -> dict[str, Any]:
@@ -74,13 +73,10 @@ def import_tokenizer(hf_dir: Path, hf: dict[str, Any], out_dir: Path) -> tuple[P
         raise FileNotFoundError(f"{hf_dir}: no {SPM_FILE} or {HF_FILE} (save a fast tokenizer, "
                                 "or the sentencepiece model, beside the weights)")
     dest = out_dir / "tokenizer" / canonical_name(source)
-    config = hf_dir / TEMPLATE_FILE
     if read_template_config(source) is not None:
         # The model's own chat template: every stage formats conversations with it
         # (trainer/data/chat_template.py), so no ChatML pieces are added.
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, dest)
-        shutil.copyfile(config, dest.parent / TEMPLATE_FILE)
+        copy_tokenizer(source, dest.parent)
         added: list[str] = []
     else:
         added = add_chat_pieces(source, dest)

@@ -146,3 +146,18 @@ def test_no_template_is_chatml(tmp_path: Path) -> None:
     assert tok.chat_template is None and tok.end_of_turn_id == tok.im_end_id
     ids, _ = tokenize_conversation(tok, CONV[1:3])
     assert ids[0] == tok.im_start_id  # no default system prompt: ChatML as chat.py renders it
+
+
+def test_a_template_as_save_pretrained_writes_it(tmp_path: Path) -> None:
+    """transformers' save_pretrained puts the template in chat_template.jinja: read from there,
+    and copied with the tokenizer."""
+    source = Tokenizer(_tokenizer_dir(tmp_path / "t", "llama2"))
+    hf = _transformers(source)
+    hf.save_pretrained(str(tmp_path / "saved"))  # type: ignore[attr-defined]
+    assert (tmp_path / "saved" / "chat_template.jinja").is_file()
+    tok = Tokenizer(tmp_path / "saved" / "tokenizer.json")
+    chat = [{"role": m.role, "content": m.content} for m in CONV]
+    assert tokenize_conversation(tok, CONV)[0] == list(hf.apply_chat_template(  # type: ignore[attr-defined]
+        chat, tokenize=True, return_dict=False))
+    copied = copy_tokenizer(tok.path, tmp_path / "run")
+    assert (tmp_path / "run" / "chat_template.jinja").is_file() and Tokenizer(copied).chat_template is not None

@@ -33,6 +33,10 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
 TEMPLATE_FILE = "tokenizer_config.json"
+# Where save_pretrained puts the template itself: transformers 4.43+ writes chat_template.jinja
+# (older ones a chat_template.json, or the template inside tokenizer_config.json).
+JINJA_FILE = "chat_template.jinja"
+TEMPLATE_FILES: tuple[str, ...] = (TEMPLATE_FILE, JINJA_FILE, "chat_template.json")
 
 
 class _Turn(Protocol):
@@ -58,14 +62,19 @@ class TemplateConfig:
 
 
 def read_template_config(tokenizer_path: Path) -> Optional[TemplateConfig]:
-    """The chat template kept beside `tokenizer_path`, or None (chatforge's ChatML then)."""
-    path = Path(tokenizer_path).parent / TEMPLATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON: {err}") from err
+    """The chat template kept beside `tokenizer_path` (TEMPLATE_FILES), or None (chatforge's
+    ChatML then)."""
+    directory = Path(tokenizer_path).parent
+    config: dict[str, Any] = {}
+    for name in (TEMPLATE_FILE, "chat_template.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                config = {**json.loads(path.read_text(encoding="utf-8")), **config}
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: invalid JSON: {err}") from err
+    if (directory / JINJA_FILE).is_file():
+        config["chat_template"] = (directory / JINJA_FILE).read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)

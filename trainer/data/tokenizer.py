@@ -264,15 +264,16 @@ class HFTokenizer(Tokenizer):
 
 def copy_tokenizer(source: Path, dest_dir: Path) -> Path:
     """Copy the tokenizer file `source` into `dest_dir` under its canonical name, with the
-    tokenizer_config.json beside it (the model's chat template) when there is one."""
+    files beside it that hold the model's chat template (chat_template.TEMPLATE_FILES)."""
     import shutil
 
-    from trainer.data.chat_template import TEMPLATE_FILE
+    from trainer.data.chat_template import TEMPLATE_FILES
 
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = Path(shutil.copyfile(source, dest_dir / canonical_name(source)))
-    if (Path(source).parent / TEMPLATE_FILE).is_file():
-        shutil.copyfile(Path(source).parent / TEMPLATE_FILE, dest_dir / TEMPLATE_FILE)
+    for name in TEMPLATE_FILES:
+        if (Path(source).parent / name).is_file():
+            shutil.copyfile(Path(source).parent / name, dest_dir / name)
     return dest
 
 
