@@ -9,17 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pytest
+from omegaconf import OmegaConf
 
-datasets = pytest.importorskip("datasets")  # a project dependency: always installed
-
-from omegaconf import OmegaConf  # noqa: E402
-
-from trainer.data.chat import Message  # noqa: E402
-from trainer.data.chat_prepare import conversations, pairs, prompts, rl_prompt_items  # noqa: E402
-from trainer.data.readers import (detect_format, read_chatml, read_hh_rlhf_report, read_pairs,  # noqa: E402
+from trainer.data.chat import Message
+from trainer.data.chat_prepare import conversations, pairs, prompts, rl_prompt_items
+from trainer.data.readers import (PreferencePair, detect_format, read_chatml, read_hh_rlhf_report, read_pairs,
                                   read_preference, read_prompts, read_texts, sniff)
-from trainer.data.sources import missing_path_problem, sources  # noqa: E402
+from trainer.data.sources import missing_path_problem, sources
 
 CHATS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
@@ -78,7 +76,7 @@ def test_preference_shapes(tmp_path: Path) -> None:
                        "rejected": [{"role": "assistant", "content": "5"}]}]
     implicit = [{"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
                  "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]}]
-    want = [read_preference.__globals__["PreferencePair"]([Message("user", "2+2?")], "4", "5")]
+    want = [PreferencePair([Message("user", "2+2?")], "4", "5")]
     for i, rows in enumerate((explicit, conversational, implicit)):
         for suffix in (".parquet", ".jsonl"):
             path = _write(rows, tmp_path / f"p{i}{suffix}")
@@ -202,12 +200,25 @@ def test_json_file_written_by_hand_still_reads(tmp_path: Path) -> None:
 
 
 def test_pretraining_text_from_a_data_set(tmp_path: Path) -> None:
-    """format=text with a data set: one document a row in the corpus the tokenizer and the
-    preprocessing read (blank lines inside a row would have split it)."""
-    from tools.preprocess import iter_documents
-    from trainer.data.prepare import _source_files
+    """format=text with a data set (its `body` column mapped to text): one document a row,
+    tokenized into the indexed file, and reused on a resume (the done-marker)."""
+    from trainer.config import Config
+    from trainer.data.corpus import generate_corpus
+    from trainer.data.indexed import IndexedTokens
+    from trainer.data.prepare import prepare_pretrain_data
 
-    path = _write([{"body": "one\n\ntwo"}, {"body": "three"}], tmp_path / "t.parquet")
-    cfg = _cfg("text", path, {"text": "body"})
-    files = _source_files(cfg, tmp_path)
-    assert list(iter_documents(files)) == ["one\ntwo", "three"]
+    docs = generate_corpus(59, 0) + ["A first paragraph.\n\nA second one, same document."]
+    path = _write([{"body": doc} for doc in docs], tmp_path / "t.parquet")
+    cfg = OmegaConf.structured(Config)
+    cfg.tokenizer.vocab_size = 400
+    OmegaConf.update(cfg, "data.format", "text")
+    OmegaConf.update(cfg, "data.path", str(path))
+    OmegaConf.update(cfg, "data.columns.text", "body")
+    prep = prepare_pretrain_data(cfg, tmp_path / "run")
+    assert IndexedTokens(prep.prefix).num_docs == len(docs) == 60  # blank lines in a row split nothing
+    mtime = (tmp_path / "run" / "data" / "train.bin").stat().st_mtime_ns
+    prepare_pretrain_data(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "data" / "train.bin").stat().st_mtime_ns == mtime
+    OmegaConf.update(cfg, "data.columns.text", "other")
+    with pytest.raises(ValueError, match=r"data\.columns\.text: 'body' -> 'other'"):
+        prepare_pretrain_data(cfg, tmp_path / "run")

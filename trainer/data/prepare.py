@@ -54,6 +54,11 @@ def _text_files(cfg: Any) -> list[Path]:
     return check_files(files, key="data.path")
 
 
+def _is_data_set(cfg: Any) -> bool:
+    """format=text reads a data set's `text` column (trainer/data/sources.py), not text files."""
+    return bool(str(cfg.data.path).strip()) and not has_text_files(str(cfg.data.path))
+
+
 def _fingerprint(cfg: Any) -> dict[str, Any]:
     """The settings that decide the prepared files; a resume must not change them."""
     fp: dict[str, Any] = {
@@ -67,6 +72,8 @@ def _fingerprint(cfg: Any) -> dict[str, Any]:
         fp["data.embedded.seed"] = int(cfg.data.embedded.seed)
     else:
         fp["data.path"] = str(cfg.data.path)
+        if _is_data_set(cfg):  # which column is the text
+            fp["data.columns.text"] = columns_of(cfg).get("text", "text")
     if not fp["tokenizer.path"]:
         fp.update({
             "tokenizer.model_type": str(cfg.tokenizer.model_type),
@@ -98,9 +105,9 @@ def _check_marker(cfg: Any, marker: Path) -> None:
 
 def _source_files(cfg: Any, data_dir: Path) -> list[Path]:
     fmt = str(cfg.data.format)
-    if fmt == "text" and has_text_files(str(cfg.data.path)):
+    if fmt == "text" and not _is_data_set(cfg):
         return _text_files(cfg)
-    if fmt == "text":  # a data set's `text` column (trainer/data/sources.py)
+    if fmt == "text":
         corpus = data_dir / "text_corpus.txt"
         docs = read_texts(str(cfg.data.path), columns_of(cfg))
         # One document a row: blank lines inside one would split it (tools/preprocess.py).
