@@ -4,20 +4,22 @@ read through the readers and checked by the launcher before a run."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import datasets
-import pytest
-from omegaconf import OmegaConf
+os.environ["HF_DATASETS_OFFLINE"] = "1"  # before datasets reads it: the tests never reach the hub
+import datasets  # noqa: E402
+import pytest  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-from trainer.data.chat import Message
-from trainer.data.chat_prepare import conversations, pairs, prompts, rl_prompt_items
-from trainer.data.readers import (PreferencePair, detect_format, read_chatml, read_hh_rlhf_report, read_pairs,
-                                  read_preference, read_prompts, read_texts, sniff)
-from trainer.data.sources import missing_path_problem, sources
+from trainer.data.chat import Message  # noqa: E402
+from trainer.data.chat_prepare import conversations, pairs, prompts, rl_prompt_items  # noqa: E402
+from trainer.data.readers import (PreferencePair, detect_format, read_chatml, read_hh_rlhf_report,  # noqa: E402
+                                  read_pairs, read_preference, read_prompts, read_texts, sniff)
+from trainer.data.sources import missing_path_problem, sources  # noqa: E402
 
 CHATS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
