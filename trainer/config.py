@@ -66,6 +66,7 @@ class DataColumnsConfig:
 
     messages: str = "messages"
     prompt: str = "prompt"
+    completion: str = "completion"
     chosen: str = "chosen"
     rejected: str = "rejected"
     text: str = "text"

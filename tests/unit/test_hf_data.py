@@ -53,6 +53,17 @@ def test_conversational_data_in_every_format(tmp_path: Path, name: str) -> None:
     assert detect_format(path) == "chatml" and sniff("chatml", path) is None
 
 
+def test_prompt_completion_is_a_conversation(tmp_path: Path) -> None:
+    rows = [{"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]},
+            {"prompt": [{"role": "user", "content": "3+3?"}], "completion": [{"role": "assistant", "content": "6"}]}]
+    path = _write(rows, tmp_path / "pc.parquet")
+    assert detect_format(path) == "chatml"
+    assert read_chatml(path)[1] == [Message("user", "3+3?"), Message("assistant", "6")]
+    strings = _write([{"prompt": "2+2?", "completion": "4"}], tmp_path / "pc.jsonl")
+    assert read_chatml(strings) == [[Message("user", "2+2?"), Message("assistant", "4")]]
+    assert prompts(_cfg("auto", strings)) == [[Message("user", "2+2?")]]
+
+
 def test_shards_and_dataset_dicts(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     shards.mkdir()

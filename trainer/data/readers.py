@@ -11,7 +11,8 @@ malformed record as `ValueError("{path}:{line}: what is wrong")` with a 1-based 
 Formats (one record a row; the Hugging Face / TRL shape each one is in brackets):
 
     chatml      {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-                [conversational]
+                [conversational], or {"prompt": str | [messages], "completion": str | [messages]}
+                [prompt-completion]
     alpaca      {"instruction", "input"?, "output"} (classic Alpaca) or
                 {"instruction", "instances": [{"input", "output"}, ...]} (the seed-task form:
                 one conversation per instance)
@@ -123,11 +124,24 @@ def _messages(value: Any, key: str) -> list[Message]:
 
 # ---- chatml and alpaca ----------------------------------------------------------------------
 
+def _prompt_completion(obj: dict[str, Any]) -> list[Message]:
+    """TRL's prompt-completion shape: the prompt (a string: one user turn, or messages), then
+    the completion (a string: one assistant turn, or messages)."""
+    prompt = [Message("user", _text(obj, "prompt"))] if isinstance(obj["prompt"], str) \
+        else _messages(obj["prompt"], "prompt")
+    completion = [Message(ASSISTANT, _text(obj, "completion"))] if isinstance(obj["completion"], str) \
+        else _messages(obj["completion"], "completion")
+    return prompt + completion
+
+
 def _parse_chatml(rec: Any) -> list[Message]:
     obj = _obj(rec)
-    if "messages" not in obj:
+    if "messages" not in obj and "prompt" in obj and "completion" in obj:
+        msgs = _prompt_completion(obj)
+    elif "messages" not in obj:
         raise _Bad(f"missing key 'messages' (keys: {sorted(obj)})")
-    msgs = _messages(obj["messages"], "messages")
+    else:
+        msgs = _messages(obj["messages"], "messages")
     if not any(m.role == ASSISTANT for m in msgs):
         raise _Bad("the conversation has no assistant turn to train on")
     return msgs
@@ -379,7 +393,7 @@ def read_texts(path: str | Path, columns: Optional[Columns] = None) -> list[str]
 def _shape_of(rec: Any) -> str:
     """The format of one record by its columns (after the column mapping)."""
     obj = _obj(rec)
-    if "messages" in obj:
+    if "messages" in obj or ("prompt" in obj and "completion" in obj):
         return "chatml"
     if "chosen" in obj and "rejected" in obj:
         if "prompt" in obj or isinstance(obj["chosen"], list):
@@ -390,6 +404,7 @@ def _shape_of(rec: Any) -> str:
     if "prompt" in obj:
         return "prompts"
     raise _Bad(f"no known shape in its columns {sorted(obj)}: expected 'messages' (conversational), "
+               f"'prompt' + 'completion' (prompt-completion), "
                f"'prompt' + 'chosen' + 'rejected' or 'chosen' + 'rejected' (preference), 'prompt' "
                f"(prompt-only) or 'instruction' (Alpaca); map other names with data.columns.*")
 

@@ -34,8 +34,6 @@ from typing import Any, Iterator, Mapping, Optional
 BUILDERS: dict[str, str] = {".jsonl": "json", ".json": "json", ".parquet": "parquet",
                             ".csv": "csv", ".arrow": "arrow"}
 DISK_MARKERS: tuple[str, ...] = ("state.json", "dataset_dict.json")  # what save_to_disk writes
-# The canonical column names the readers use; data.columns.<name> renames a user's column.
-COLUMNS: tuple[str, ...] = ("messages", "prompt", "completion", "chosen", "rejected", "text")
 Row = dict[str, Any]
 
 
