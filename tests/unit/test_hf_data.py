@@ -62,6 +62,9 @@ def test_prompt_completion_is_a_conversation(tmp_path: Path) -> None:
     strings = _write([{"prompt": "2+2?", "completion": "4"}], tmp_path / "pc.jsonl")
     assert read_chatml(strings) == [[Message("user", "2+2?"), Message("assistant", "4")]]
     assert prompts(_cfg("auto", strings)) == [[Message("user", "2+2?")]]
+    with_answer = _write([{"prompt": "2+2?", "completion": "It is 4.", "answer": "4"}], tmp_path / "a.parquet")
+    assert rl_prompt_items(_cfg("auto", with_answer)) == [
+        ([Message("user", "2+2?")], {"completion": "It is 4.", "answer": "4"})]  # fields reach the rewards
 
 
 def test_shards_and_dataset_dicts(tmp_path: Path) -> None:

@@ -332,7 +332,10 @@ def embedded_metadata(prompt: list[Message]) -> dict[str, Any]:
 def rl_prompt_items(cfg: Any, split: str = "train") -> list[PromptItem]:
     """Prompts with their per-prompt fields: the embedded world's (family, answer), a
     "prompts" file's extra columns, none for the other formats."""
-    if data_format(cfg) == "prompts":
+    fmt = data_format(cfg)
+    # data.format=auto on conversations: read them as prompts, so that their other columns
+    # (a reference answer ...) reach the rewards as with format=prompts.
+    if fmt == "prompts" or (fmt == "chatml" and str(cfg.data.format) == "auto"):
         return read_prompts(str(cfg.data.path), columns(cfg))
     found = prompts(cfg, split)
     if str(cfg.data.format) == "embedded":
