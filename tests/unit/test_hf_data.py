@@ -73,6 +73,12 @@ def test_shards_and_dataset_dicts(tmp_path: Path) -> None:
     _write(CHATS[:1], shards / "part-00000.parquet")
     _write(CHATS[1:], shards / "part-00001.parquet")
     assert read_chatml(shards) == EXPECTED_CHATS
+    snapshot = tmp_path / "snapshot"  # as a hub snapshot lays out its splits
+    (snapshot / "data").mkdir(parents=True)
+    _write(CHATS[:1], snapshot / "data" / "train-00000-of-00002.parquet")
+    _write(CHATS[1:], snapshot / "data" / "train-00001-of-00002.parquet")
+    _write(CHATS, snapshot / "data" / "test-00000-of-00001.parquet")
+    assert read_chatml(snapshot) == EXPECTED_CHATS
     both = tmp_path / "dict"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(CHATS),
                           "test": datasets.Dataset.from_list(CHATS[:1])}).save_to_disk(str(both))

@@ -6,7 +6,9 @@ never the network.
                   a file with another suffix is read as JSON lines
     a directory   written by `save_to_disk` (it holds state.json, or dataset_dict.json: then
                   its `train` split, or its only split), or holding shards of one of the file
-                  types above (read in path order, subdirectories included)
+                  types above (read in path order, subdirectories included; where some are
+                  named for the train split, `train-00000-of-00002.parquet` or `train/...`, as
+                  in a hub snapshot, only those)
 
 Anything else, a hub name among them, is refused with how to bring the data here
 (`missing_path_problem`). `HF_DATASETS_OFFLINE=1` is set before `datasets` is imported, so
@@ -97,10 +99,17 @@ def sources(raw: str | Path) -> list[Source]:
     if not files:
         raise ValueError(f"{path}: a directory without data files ({', '.join(BUILDERS)}) and not "
                          f"written by save_to_disk (no {' or '.join(DISK_MARKERS)})")
+    # A hub snapshot holds every split (data/train-00000-of-00002.parquet, data/test-...):
+    # as `datasets` does, its train files are the data when any are named so.
+    train = [p for p in files if _TRAIN.search(p.relative_to(path).as_posix())]
+    files = train or files
     kinds = {BUILDERS[p.suffix] for p in files}
     if len(kinds) > 1:
         raise ValueError(f"{path}: mixes data file types ({', '.join(sorted(kinds))}); keep one per directory")
     return [Source(p, BUILDERS[p.suffix]) for p in files]
+
+
+_TRAIN = re.compile(r"(^|[/_.-])train([/_.-]|$)")
 
 
 def _builder(path: Path) -> str:
