@@ -61,15 +61,33 @@ class EmbeddedDataConfig:
 
 
 @dataclass
+class DataColumnsConfig:
+    """A user's column names for the canonical ones the readers use (trainer/data/readers.py):
+    e.g. data.columns.messages=conversation reads a `conversation` column as `messages`."""
+
+    messages: str = "messages"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    text: str = "text"
+
+
+@dataclass
 class DataConfig:
     name: str = "embedded"
     # embedded: the generated world (every stage); text: plain text (pretrain);
     # chatml | alpaca: conversations (SFT, rejection sampling; prompts for best-of-N);
     # hh_rlhf | preference: preference pairs (reward model, DPO; their chosen dialogues also
-    # feed SFT and their prompts best-of-N).
+    # feed SFT and their prompts best-of-N); prompts: RL prompts; auto: the shape of the first
+    # record (docs/data.md).
     format: str = "embedded"
-    # A user's file (or comma-separated files for format=text).
+    # A user's local data: a file (.jsonl/.json/.parquet/.csv/.arrow), a directory of such
+    # shards or a `save_to_disk` directory (trainer/data/sources.py); comma-separated text
+    # files for format=text. Never a hub name: chatforge does not download.
     path: str = ""
+    # Column names of data.path, when they are not the canonical ones.
+    columns: DataColumnsConfig = field(default_factory=DataColumnsConfig)
     # Chat stages: pack several conversations into one sequence (attention and loss never
     # cross a conversation boundary) or pad each to model.seq_length.
     packing: bool = True

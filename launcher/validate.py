@@ -22,7 +22,8 @@ from launcher.validate_cluster import find_cluster_errors
 from launcher.validate_run import check_local_device, check_tokenizer
 from trainer.data.chat_embedded import EVAL_TASKS, PREFERENCES  # torch-free (random, sentencepiece)
 from trainer.data.corpus import TASKS  # torch-free
-from trainer.data.readers import sniff  # torch-free (json)
+from trainer.data.readers import detect_format, sniff  # torch-free (json; `datasets` only when read)
+from trainer.data.sources import columns_of, has_text_files, missing_path_problem
 from trainer.stages import NO_TRAINING, RL_STAGES, SAMPLING_STAGES, STAGE_DATA, STAGE_HEAD, STAGES
 
 # The one place that lists the allowed values of every enumerated string field (the
@@ -39,7 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.decay": ("cosine", "linear", "constant"),
     "logger": ("wandb", "none"),
     "wandb.mode": ("auto", "offline", "online"),
-    "data.format": ("embedded", "text", "chatml", "alpaca", "hh_rlhf", "preference", "prompts"),
+    "data.format": ("embedded", "text", "chatml", "alpaca", "hh_rlhf", "preference", "prompts", "auto"),
     "data.overlong": ("truncate", "drop"),
     "data.embedded.prefer": PREFERENCES,
     "data.embedded.eval_tasks": EVAL_TASKS,
@@ -237,6 +238,26 @@ def _missing_file(path: str) -> Optional[str]:
     return None
 
 
+def _data_problem(cfg: DictConfig, raw: str) -> Optional[str]:
+    """A chat format's data.path: it exists here (never a hub name: the message says how to
+    download it elsewhere), is readable, and its head parses as data.format (data.format=auto:
+    as the shape its first record has, which the stage must read)."""
+    path = Path(raw).expanduser()
+    if why := missing_path_problem(raw) or (_missing_file(raw) if path.is_file() else None):
+        return why
+    fmt, cols = str(cfg.data.format), columns_of(cfg)
+    if fmt == "auto":
+        try:
+            fmt = detect_format(path, cols)
+        except (ValueError, OSError) as err:
+            return str(err)
+        stage = cfg.stage.name
+        if stage in STAGE_DATA and fmt not in STAGE_DATA[stage]:
+            return (f"data.format=auto: its records are {fmt} data, and stage={stage} reads one of "
+                    f"{', '.join(STAGE_DATA[stage])}")
+    return sniff(fmt, path, columns=cols)
+
+
 def _check_stage(cfg: DictConfig) -> list[ConfigError]:
     """The stage against its data, model head, inputs and hyperparameter ranges."""
     stage, fmt = cfg.stage.name, cfg.data.format
@@ -283,8 +304,9 @@ def _check_paths(cfg: DictConfig, pending: frozenset[str] = frozenset()) -> list
     errors = []
     if cfg.data.format not in ("embedded", "text"):
         raw = cfg.data.path or ""
-        why = _missing_file(raw) if raw else f"data.format={cfg.data.format} needs data.path=<file>"
-        if why or (why := sniff(cfg.data.format, Path(raw).expanduser())):
+        why = _data_problem(cfg, raw) if raw else \
+            f"data.format={cfg.data.format} needs data.path=<file or directory>"
+        if why:
             errors.append(ConfigError("data.path", raw, why))
     if cfg.data.format == "text":
         raw = cfg.data.path or ""
@@ -292,6 +314,9 @@ def _check_paths(cfg: DictConfig, pending: frozenset[str] = frozenset()) -> list
         if not raw.strip() or not all(parts):
             errors.append(ConfigError(
                 "data.path", raw, "data.format=text needs data.path=<file>[,<file>...]"))
+        elif len(parts) == 1 and not has_text_files(raw):  # a data set's `text` column
+            if why := missing_path_problem(raw) or sniff("text", Path(raw).expanduser(), columns=columns_of(cfg)):
+                errors.append(ConfigError("data.path", raw, why))
         else:
             problems = [_missing_file(part) or sniff("text", Path(part).expanduser()) for part in parts]
             if any(problems):

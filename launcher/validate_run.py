@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.devices import BF16_DEVICES, BF16_MIN_CAPABILITY, Gpu, local_gpus
+from trainer.data.sources import has_text_files
 from trainer.data.tokenizer import MIN_VOCAB_SIZE, NUM_BYTE_PIECES, NUM_SPECIAL, min_vocab_for
 
 # Stages that train a tokenizer when tokenizer.path is empty even with ckpt.load set; the
@@ -52,6 +53,8 @@ def _training_text(cfg: DictConfig) -> list[str]:
             return list(_embedded_corpus(int(cfg.data.embedded.num_docs), int(cfg.data.embedded.seed)))
         return []
     if fmt == "text":
+        if not has_text_files(str(_get(cfg, "data.path"))):
+            return []  # a data set's column: read on rank 0 (trainer/data/prepare.py)
         texts = []
         for part in str(_get(cfg, "data.path")).split(","):
             with open(Path(part.strip()).expanduser(), "rb") as handle:

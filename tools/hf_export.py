@@ -10,7 +10,8 @@ merged on load) and OUT_DIR gets:
     config.json, generation_config.json   GPT2* or Llama* by the model's shape (tools/hf_common.py)
     model.safetensors                     the tokenizer's vocabulary (chatforge's padding cut)
     tokenizer.model | tokenizer.json      the run's tokenizer, chat pieces included
-    tokenizer_config.json                 EOD as eos, pad, and the ChatML chat_template
+    tokenizer_config.json                 EOD as eos, pad, and the chat template the model was
+                                          trained with (ChatML, or an imported model's own)
 
 A language model becomes *ForCausalLM. A scalar-head model (a reward model) becomes
 *ForSequenceClassification with num_labels=1: its `score` is chatforge's value head without
@@ -29,6 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from tools.hf_common import Arch, Tensors, arch_of, convert_to_theirs, hf_config_kwargs
+from trainer.data.chat_template import TEMPLATE_FILES
 from trainer.data.tokenizer import (CHAT_PIECES, IM_END, SentencePieceTokenizer, Tokenizer,
                                     canonical_name)
 
@@ -98,7 +100,8 @@ def write_model(out_dir: Path, arch: Arch, cfg: Any, state: Tensors, tok: Tokeni
     kwargs = hf_config_kwargs(arch, model, tok.vocab_size, tok.eod_id, tok.pad_id, bias)
     config_class(**kwargs).save_pretrained(out_dir)
     if not scalar:
-        stops = [tok.eod_id] + ([tok.im_end_id] if tok.chat_id(IM_END) is not None else [])
+        chat = tok.chat_template is not None or tok.chat_id(IM_END) is not None
+        stops = [tok.eod_id] + ([tok.end_of_turn_id] if chat and tok.end_of_turn_id != tok.eod_id else [])
         transformers.GenerationConfig(eos_token_id=stops, pad_token_id=tok.pad_id,
                                       bos_token_id=kwargs["bos_token_id"]).save_pretrained(out_dir)
 
@@ -113,6 +116,13 @@ def write_tokenizer(out_dir: Path, tok_path: Path, tok: Tokenizer, seq_length: i
         "model_max_length": seq_length, "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
     }
+    template = tok.chat_template  # an imported model's own: the one it was trained with
+    for stale in TEMPLATE_FILES[1:]:  # only tokenizer_config.json holds the template here
+        (out_dir / stale).unlink(missing_ok=True)
+    if template is not None:
+        config["chat_template"] = template.config.template
+        if template.config.bos_token:
+            config["bos_token"] = template.config.bos_token
     if isinstance(tok, SentencePieceTokenizer):
         config.update({"tokenizer_class": "LlamaTokenizer", "unk_token": tok.id_to_piece(tok.unk_id),
                        "legacy": False, "add_prefix_space": False})

@@ -9,7 +9,10 @@ sharded with model.safetensors.index.json) and the tokenizer: tokenizer.model
 
     OUT_DIR/config.yaml                 the resolved chatforge config (model.* from config.json)
     OUT_DIR/conf/model/NAME.yaml        the same model.* as a Hydra option (--config-dir OUT_DIR/conf)
-    OUT_DIR/tokenizer/tokenizer.{model,json}   the tokenizer, chat pieces appended if missing
+    OUT_DIR/tokenizer/tokenizer.{model,json}   the tokenizer: as it is when HF_DIR's
+                                        tokenizer_config.json has a chat_template (kept beside
+                                        it, and used by every stage), else with the ChatML
+                                        chat pieces appended if missing
     OUT_DIR/checkpoints/step_000000/    the weights in the trainer's sharded format (any TP/PP)
     OUT_DIR/checkpoints/latest
 
@@ -28,7 +31,8 @@ from omegaconf import OmegaConf
 
 from chatforge_config.parallel import ModelConfig
 from tools.hf_common import Arch, Tensors, convert_to_ours, model_from_hf
-from trainer.data.tokenizer import HF_FILE, SPM_FILE, Tokenizer, add_chat_pieces, canonical_name
+from trainer.data.chat_template import read_template_config
+from trainer.data.tokenizer import HF_FILE, SPM_FILE, Tokenizer, add_chat_pieces, canonical_name, copy_tokenizer
 
 
 def read_config(hf_dir: Path) -> dict[str, Any]:
@@ -69,7 +73,13 @@ def import_tokenizer(hf_dir: Path, hf: dict[str, Any], out_dir: Path) -> tuple[P
         raise FileNotFoundError(f"{hf_dir}: no {SPM_FILE} or {HF_FILE} (save a fast tokenizer, "
                                 "or the sentencepiece model, beside the weights)")
     dest = out_dir / "tokenizer" / canonical_name(source)
-    added = add_chat_pieces(source, dest)
+    if read_template_config(source) is not None:
+        # The model's own chat template: every stage formats conversations with it
+        # (trainer/data/chat_template.py), so no ChatML pieces are added.
+        copy_tokenizer(source, dest.parent)
+        added: list[str] = []
+    else:
+        added = add_chat_pieces(source, dest)
     eos = hf.get("eos_token_id")
     tok = Tokenizer(dest)
     if isinstance(eos, int) and eos != tok.eod_id:

@@ -12,7 +12,8 @@ TORCH=$(sed -n 's/^torch==//p' constraints.txt)
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH')" 2>/dev/null; then
   .venv/bin/pip install -q "torch==$TORCH"
 fi
-.venv/bin/pip install -q -c constraints.txt -e ".[test]"
+# lm-eval: the suite benchmarks an exported model with it (tests/dist/test_hf.py).
+.venv/bin/pip install -q -c constraints.txt -e ".[test,lm-eval]"
 # An importable module named `apex` (PyPI's apex is an unrelated package) makes megatron pick
 # fused kernels that are not there; refuse to run with one.
 if .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('apex') is None)"; then

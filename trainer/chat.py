@@ -101,7 +101,7 @@ def run(args: dict[str, str], stdin: TextIO = sys.stdin, stdout: TextIO = sys.st
             if not text:
                 continue
             session.turns.append(Message("user", text))
-            gen = generate(engine, [session.prompt()], sampling, stop_ids={tok.im_end_id, tok.eod_id},
+            gen = generate(engine, [session.prompt()], sampling, stop_ids={tok.end_of_turn_id, tok.eod_id},
                            pad_id=tok.pad_id, seed=seed + turn, vocab_size=tok.vocab_size)
             reply = tok.response_text(gen.tokens[0])
             session.turns.append(Message("assistant", reply))

@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 
 from trainer.checkpoint_files import (MANIFEST, STEP_DIR, CheckpointError, atomic_write_text, describe,
                                      files_of_rank, fsync_dir, gather_problems, step_dir_name)
-from trainer.data.tokenizer import TOKENIZER_FILES, canonical_name, find_tokenizer
+from trainer.data.tokenizer import TOKENIZER_FILES, copy_tokenizer, find_tokenizer
 from trainer.lora_checkpoint import LORA_FILE, load_checkpoint, lora_records_of
 from trainer.runtime import RunContext
 
@@ -215,7 +215,7 @@ class Checkpointer:
                 (tmp / LORA_FILE).write_text(json.dumps(records, indent=1, sort_keys=True))
             tokenizer = getattr(self.ctx, "tokenizer_path", None)
             if tokenizer is not None and Path(tokenizer).is_file():
-                shutil.copyfile(tokenizer, tmp / canonical_name(tokenizer))
+                copy_tokenizer(Path(tokenizer), tmp)  # with its chat template, if it has one
 
     def _commit(self, tmp: Path, step: int) -> None:
         rank, world = dist.get_rank(), dist.get_world_size()

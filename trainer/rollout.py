@@ -182,7 +182,7 @@ def sample_responses(engine: Engine, tok: Tokenizer, prompts: list[list[int]], s
     per_call = max(int(sampling.batch), 1)
     for k in range(0, len(prompts), per_call):
         call_seed = int(np.random.SeedSequence([seed, offset + k]).generate_state(1)[0])
-        gen = generate(engine, prompts[k:k + per_call], sampling, stop_ids={tok.im_end_id, tok.eod_id},
+        gen = generate(engine, prompts[k:k + per_call], sampling, stop_ids={tok.end_of_turn_id, tok.eod_id},
                        pad_id=tok.pad_id, seed=call_seed)
         responses += gen.tokens
         finished += gen.finished
@@ -222,7 +222,7 @@ class RolloutMaker:
         # (PPO-ptx) share the actor's pipeline microbatches, whose p2p buffers have one shape.
         self.full_rows = full_rows
         self.micro = int(ctx.cfg.train.micro_batch)
-        self.stops = {tok.im_end_id, tok.eod_id}
+        self.stops = {tok.end_of_turn_id, tok.eod_id}
 
     def sample(self, prompts: list[list[int]], seed: int, offset: int = 0) -> tuple[list[list[int]], list[bool]]:
         return sample_responses(self.actor, self.tok, prompts, self.sampling, seed, offset)

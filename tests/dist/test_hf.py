@@ -6,7 +6,9 @@ transformers itself, on tiny random GPT-2 and Llama (GQA) models made here (no d
   the chat pieces; Llama: its tokenizer gains them, so two embedding rows are new);
 - a short SFT run (GPT-2) and reward-model run (Llama) from the imports through the real
   trainer, exported: transformers loads them with no missing or unexpected weight, gives the
-  same logits / rewards as chatforge, and its tokenizer and chat template give chatforge's ids.
+  same logits / rewards as chatforge, and its tokenizer and chat template give chatforge's ids;
+- the GPT-2 model's own chat template is kept by the import, trained with and exported;
+- lm-eval-harness evaluates the exported SFT model on the repo's local task (tools/hf_eval.py).
 
 Everything expensive runs once in the module fixture `work`; `python -m tests.dist.test_hf
 SPEC` is the worker that computes chatforge's outputs in two gloo processes."""
@@ -31,6 +33,12 @@ pytestmark = pytest.mark.dist
 TOL = 1e-4
 SEQ = 24
 CHAT = ["<|im_start|>", "<|im_end|>"]
+# The GPT-2 model's own chat template (Qwen-style ChatML with a default system prompt, so it
+# renders differently from chatforge's ChatML): kept by the import, trained with, exported.
+TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
+            "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 # ---- tiny Hugging Face models ---------------------------------------------------------------
@@ -52,7 +60,9 @@ def _gpt2_tokenizer(lines: list[str]) -> Any:
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", *CHAT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(lines, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.chat_template = TEMPLATE
+    return fast
 
 
 def _llama_spm(lines: list[str]) -> bytes:
@@ -347,6 +357,39 @@ def test_exported_tokenizer_and_chat_template_give_chatforge_ids(work: dict[str,
     text = "Ada has 3 apples.\nShe eats one."
     assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
     assert theirs.eos_token_id == ours.eod_id
+
+
+def test_an_imported_chat_template_is_trained_with_and_exported(work: dict[str, Any]) -> None:
+    from transformers import AutoTokenizer
+
+    from trainer.data.chat import Message, prompt_ids
+    from trainer.data.tokenizer import Tokenizer, find_tokenizer
+
+    imported = Tokenizer(find_tokenizer(work["imported"]["gpt2"] / "tokenizer"))
+    trained = Tokenizer(find_tokenizer(work["root"] / "sft" / "tokenizer"))
+    assert imported.chat_template is not None and trained.chat_template is not None
+    assert trained.chat_template.config.template == TEMPLATE
+    exported = work["exported"]["sft"]
+    assert json.loads((exported / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE
+    chat = [Message("user", "What is 12 plus 7?")]  # no system turn: the template adds its own
+    theirs = AutoTokenizer.from_pretrained(exported).apply_chat_template(
+        [{"role": "user", "content": chat[0].content}], add_generation_prompt=True, tokenize=False)
+    assert theirs.startswith("<|im_start|>system\nYou are helpful.")
+    assert prompt_ids(trained, chat) == trained.encode(theirs)
+
+
+def test_lm_eval_benchmarks_an_exported_model(work: dict[str, Any], tmp_path: Path) -> None:
+    """lm-eval-harness on the exported SFT model, the repo's local task, offline."""
+    pytest.importorskip("lm_eval")  # tools/setup.sh installs it (the `lm-eval` extra)
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "tools.hf_eval", str(work["exported"]["sft"]),
+                           "--limit", "8", "--batch-size", "4", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    acc = results["results"]["chatforge_tasks"]["acc,none"]
+    assert 0.0 <= acc <= 1.0 and results["n-samples"]["chatforge_tasks"]["effective"] == 8
+    assert "[hf_eval] chatforge_tasks: acc=" in proc.stdout
 
 
 if __name__ == "__main__":

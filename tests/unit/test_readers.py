@@ -187,7 +187,7 @@ def test_preference_string_and_message_prompts(tmp_path: Path) -> None:
       "chosen": "b", "rejected": "c"}, r"p\.jsonl:2: the prompt must end with a user turn"),
     ({"prompt": [{"role": "human", "content": "q"}], "chosen": "b", "rejected": "c"},
      r"p\.jsonl:2: prompt\[0\] has role 'human'"),
-    ({"prompt": "q", "chosen": ["a"], "rejected": "c"}, r"p\.jsonl:2: 'chosen' must be a string"),
+    ({"prompt": "q", "chosen": ["a"], "rejected": "c"}, r"p\.jsonl:2: expected a JSON object as the chosen\[0\]"),
 ])
 def test_preference_errors(tmp_path: Path, bad: Any, message: str) -> None:
     path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, bad])

@@ -12,6 +12,10 @@ prompt `<|im_start|>assistant\\n` (prompt_ids) is token for token what training 
 The loss (target) mask is 1 exactly on each assistant turn's content tokens and its
 `<|im_end|>`: the model learns what to say and when to stop, never the header it is given
 nor the user's words, nor the "\\n" that separates blocks (it carries no information).
+
+ChatML is the format of chatforge's own tokenizers. A tokenizer with a Hugging Face chat
+template beside it (an imported model: trainer/data/chat_template.py) is formatted with that
+template instead, by the same three functions, with the same mask rule.
 """
 from __future__ import annotations
 
@@ -59,6 +63,8 @@ def tokenize_conversation(tok: Tokenizer, messages: Sequence[Message]) -> tuple[
     check_roles(messages)
     if not any(m.role == ASSISTANT for m in messages):
         raise ValueError("a training conversation needs at least one assistant turn")
+    if tok.chat_template is not None:  # an imported model's own template (chat_template.py)
+        return tok.chat_template.tokenize(messages)
     newline = tok.encode("\n")
     ids: list[int] = []
     mask: list[int] = []
@@ -78,6 +84,8 @@ def prompt_ids(tok: Tokenizer, messages: Sequence[Message]) -> list[int]:
     the ids a trained conversation would have (minus its final "\\n").
     """
     check_roles(messages)
+    if tok.chat_template is not None:
+        return tok.chat_template.tokenize(messages, add_generation_prompt=True)[0]
     newline = tok.encode("\n")
     ids: list[int] = []
     for m in messages:
@@ -86,7 +94,10 @@ def prompt_ids(tok: Tokenizer, messages: Sequence[Message]) -> list[int]:
 
 
 def response_ids(tok: Tokenizer, text: str) -> list[int]:
-    """ids of an assistant reply as it follows prompt_ids: its content then `<|im_end|>`."""
+    """ids of an assistant reply as it follows prompt_ids: its content then `<|im_end|>` (the
+    chat template's end-of-turn for an imported model)."""
+    if tok.chat_template is not None:
+        return tok.chat_template.response(text)
     return tok.encode(text) + [tok.im_end_id]
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,8 +30,10 @@ from trainer.data.chat import Message, prompt_ids, response_ids, tokenize_conver
 from trainer.data.gpt_dataset import split_documents
 from trainer.data.indexed import atomic_write
 from trainer.data.packing import ChatSample, build_packed, build_padded, fit_samples, pack
-from trainer.data.readers import PreferencePair, PromptItem, read_conversations, read_pairs, read_prompts
-from trainer.data.tokenizer import Tokenizer, canonical_name, find_tokenizer
+from trainer.data.readers import (PreferencePair, PromptItem, detect_format, read_conversations, read_pairs,
+                                  read_prompts)
+from trainer.data.sources import columns_of as columns
+from trainer.data.tokenizer import Tokenizer, copy_tokenizer, find_tokenizer
 from trainer.stages import STAGE_DATA
 
 Arrays = dict[str, np.ndarray]
@@ -51,24 +52,30 @@ def _families(emb: Any) -> list[str]:
     return names
 
 
+def data_format(cfg: Any) -> str:
+    """data.format, with `auto` resolved to the shape of data.path's first record."""
+    fmt = str(cfg.data.format)
+    return detect_format(str(cfg.data.path), columns(cfg)) if fmt == "auto" else fmt
+
+
 def conversations(cfg: Any) -> list[list[Message]]:
-    fmt, emb = str(cfg.data.format), cfg.data.embedded
+    fmt, emb = data_format(cfg), cfg.data.embedded
     if fmt == "embedded":
         return chat_embedded.sft_conversations(int(emb.num_chats), int(emb.seed), _families(emb))
     if fmt in ("hh_rlhf", "preference"):
-        return [[*p.prompt, Message("assistant", p.chosen)] for p in read_pairs(fmt, str(cfg.data.path))]
+        return [[*p.prompt, Message("assistant", p.chosen)] for p in read_pairs(fmt, str(cfg.data.path), columns(cfg))]
     if fmt in CONVERSATION_FORMATS:
-        return read_conversations(fmt, str(cfg.data.path))
+        return read_conversations(fmt, str(cfg.data.path), columns(cfg))
     raise ValueError(f"data.format={fmt!r}: the SFT stage reads one of {CONVERSATION_FORMATS}")
 
 
 def pairs(cfg: Any) -> list[PreferencePair]:
-    fmt, emb = str(cfg.data.format), cfg.data.embedded
+    fmt, emb = data_format(cfg), cfg.data.embedded
     if fmt == "embedded":
         return chat_embedded.preference_pairs(int(emb.num_pairs), int(emb.seed), float(emb.flip),
                                               _families(emb), str(emb.prefer), same_style=float(emb.same_style))
     if fmt in PAIR_FORMATS:
-        return read_pairs(fmt, str(cfg.data.path))
+        return read_pairs(fmt, str(cfg.data.path), columns(cfg))
     raise ValueError(f"data.format={fmt!r}: preference stages read one of {PAIR_FORMATS}")
 
 
@@ -84,15 +91,15 @@ def prompts(cfg: Any, split: str = "eval") -> list[list[Message]]:
     """Prompts ending with a user turn (generation continues as the assistant). The
     embedded world gives held-out tasks for split="eval" and training tasks (data.embedded
     .num_chats of them) for split="train"; a file gives all of its prompts."""
-    fmt, emb = str(cfg.data.format), cfg.data.embedded
+    fmt, emb = data_format(cfg), cfg.data.embedded
     if fmt == "embedded":
         if split == "train":
             return chat_embedded.train_prompts(int(emb.num_chats), int(emb.seed), _families(emb))
         return chat_embedded.eval_prompts(int(emb.num_prompts), int(emb.seed), _families(emb), str(emb.eval_tasks))
     if fmt in PAIR_FORMATS:
-        return [p.prompt for p in read_pairs(fmt, str(cfg.data.path))]
+        return [p.prompt for p in read_pairs(fmt, str(cfg.data.path), columns(cfg))]
     if fmt == "prompts":
-        return [p for p, _ in read_prompts(str(cfg.data.path))]
+        return [p for p, _ in read_prompts(str(cfg.data.path), columns(cfg))]
     found = []
     for conv in conversations(cfg):
         last = max(i for i, m in enumerate(conv) if m.role == "assistant")
@@ -146,12 +153,12 @@ def resolve_tokenizer(cfg: Any, run_dir: Path, texts: Callable[[], list[str]]) -
         source = Path(str(cfg.tokenizer.path))
         if not source.is_file():
             raise FileNotFoundError(f"tokenizer.path: file not found: {source}")
-        return Path(shutil.copyfile(source, own.with_name(canonical_name(source))))
+        return copy_tokenizer(source, own.parent)
     if cfg.ckpt.load:
         from trainer.checkpointing import resolve_load_path, tokenizer_of
 
         source = tokenizer_of(resolve_load_path(Path(str(cfg.ckpt.load))))
-        return Path(shutil.copyfile(source, own.with_name(canonical_name(source))))
+        return copy_tokenizer(source, own.parent)  # with its chat template, if it has one
     from trainer.data.tokenizer_training import train_tokenizer
 
     corpus = run_dir / "data" / "tokenizer_corpus.txt"
@@ -325,8 +332,11 @@ def embedded_metadata(prompt: list[Message]) -> dict[str, Any]:
 def rl_prompt_items(cfg: Any, split: str = "train") -> list[PromptItem]:
     """Prompts with their per-prompt fields: the embedded world's (family, answer), a
     "prompts" file's extra columns, none for the other formats."""
-    if str(cfg.data.format) == "prompts":
-        return read_prompts(str(cfg.data.path))
+    fmt = data_format(cfg)
+    # data.format=auto on conversations: read them as prompts, so that their other columns
+    # (a reference answer ...) reach the rewards as with format=prompts.
+    if fmt == "prompts" or (fmt == "chatml" and str(cfg.data.format) == "auto"):
+        return read_prompts(str(cfg.data.path), columns(cfg))
     found = prompts(cfg, split)
     if str(cfg.data.format) == "embedded":
         return [(p, embedded_metadata(p)) for p in found]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from trainer.data.gpt_dataset import split_documents
 from trainer.data.indexed import IndexedTokens, atomic_write, indexed_exists
 from trainer.data.preprocess import preprocess_text
 from trainer.data.tokenizer_training import check_files, train_tokenizer
+from trainer.data.readers import read_texts
+from trainer.data.sources import columns_of, has_text_files
 
 MARKER = "prepared.json"
 FORMATS: tuple[str, ...] = ("embedded", "text")
@@ -51,6 +54,11 @@ def _text_files(cfg: Any) -> list[Path]:
     return check_files(files, key="data.path")
 
 
+def _is_data_set(cfg: Any) -> bool:
+    """format=text reads a data set's `text` column (trainer/data/sources.py), not text files."""
+    return bool(str(cfg.data.path).strip()) and not has_text_files(str(cfg.data.path))
+
+
 def _fingerprint(cfg: Any) -> dict[str, Any]:
     """The settings that decide the prepared files; a resume must not change them."""
     fp: dict[str, Any] = {
@@ -64,6 +72,8 @@ def _fingerprint(cfg: Any) -> dict[str, Any]:
         fp["data.embedded.seed"] = int(cfg.data.embedded.seed)
     else:
         fp["data.path"] = str(cfg.data.path)
+        if _is_data_set(cfg):  # which column is the text
+            fp["data.columns.text"] = columns_of(cfg).get("text", "text")
     if not fp["tokenizer.path"]:
         fp.update({
             "tokenizer.model_type": str(cfg.tokenizer.model_type),
@@ -95,8 +105,14 @@ def _check_marker(cfg: Any, marker: Path) -> None:
 
 def _source_files(cfg: Any, data_dir: Path) -> list[Path]:
     fmt = str(cfg.data.format)
-    if fmt == "text":
+    if fmt == "text" and not _is_data_set(cfg):
         return _text_files(cfg)
+    if fmt == "text":
+        corpus = data_dir / "text_corpus.txt"
+        docs = read_texts(str(cfg.data.path), columns_of(cfg))
+        # One document a row: blank lines inside one would split it (tools/preprocess.py).
+        atomic_write(corpus, ("\n\n".join(re.sub(r"\n\s*\n", "\n", d.strip()) for d in docs) + "\n").encode("utf-8"))
+        return [corpus]
     corpus = data_dir / "corpus.txt"
     docs = generate_corpus(int(cfg.data.embedded.num_docs), int(cfg.data.embedded.seed))
     # Blank lines separate documents, which is how preprocess_text splits them back.

@@ -1,22 +1,32 @@
-"""Readers for the chat data formats users bring: chatML, Alpaca, HH-RLHF and preference JSONL.
+"""Readers for the chat data formats users bring: chatML (Hugging Face's conversational shape),
+Alpaca, HH-RLHF, preference pairs and RL prompts.
 
+The records come from trainer/data/sources.py: local .jsonl / .json / .parquet / .csv / .arrow
+files, directories of such shards, or `save_to_disk` directories, read with `datasets`; a
+column mapping (data.columns.*, Columns below) renames a user's columns to the names here.
 Every reader returns plain python structures (lists of Message / PreferencePair) and reports a
-malformed record as `ValueError("{path}:{line}: what is wrong")` with a 1-based line number, so
-a user can open the file at the bad record.
+malformed record as `ValueError("{path}:{line}: what is wrong")` with a 1-based line number
+(`{path}: row N` for the columnar formats), so a user can open the file at the bad record.
 
-Formats (one JSON object a line unless said otherwise):
+Formats (one record a row; the Hugging Face / TRL shape each one is in brackets):
 
     chatml      {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-    alpaca      a JSON list or JSONL of {"instruction", "input"?, "output"} (classic Alpaca) or
+                [conversational], or {"prompt": str | [messages], "completion": str | [messages]}
+                [prompt-completion]
+    alpaca      {"instruction", "input"?, "output"} (classic Alpaca) or
                 {"instruction", "instances": [{"input", "output"}, ...]} (the seed-task form:
                 one conversation per instance)
     hh_rlhf     {"chosen": str, "rejected": str}, each a whole "\\n\\nHuman: ...\\n\\nAssistant: ..."
                 dialogue; the two share everything up to the last Assistant turn
-    preference  {"prompt": str | [messages], "chosen": str, "rejected": str}
-    prompts     {"prompt": str | [messages]} or {"messages": [messages]}, plus any other fields
+    preference  {"prompt": str | [messages], "chosen": str | [assistant message],
+                "rejected": str | [assistant message]} [preference, explicit prompt], or
+                {"chosen": [messages], "rejected": [messages]} sharing all but their last
+                assistant turn [preference, implicit prompt]
+    prompts     {"prompt": str | [messages]} [prompt-only] or {"messages": [messages]}, plus any other fields
                 (a reference "answer", a task family ...) that RL reward functions read; a
                 "messages" list ending with an assistant turn gives the prompt before it
                 (the reply is kept as the field "completion")
+    auto        one of the above, detected from the first record's columns (detect_format)
 
 HH-RLHF rule for odd records. Broken structure (bad JSON, missing keys, text that is not a
 Human/Assistant dialogue) is always an error. Records that are well formed but carry no usable
@@ -34,12 +44,12 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from trainer.data.chat import ASSISTANT, ROLES, Message
+from trainer.data.sources import BUILDERS, Source, clean_row, has_text_files, json_records, rows, sources
 
 log = logging.getLogger(__name__)
-Record = tuple[int, Any]  # (1-based line number, parsed JSON value)
 
 
 @dataclass
@@ -55,52 +65,27 @@ class _Bad(ValueError):
     """A record problem, raised without location; the reader adds `path:line`."""
 
 
-# ---- JSON plumbing --------------------------------------------------------------------------
+# ---- records (trainer/data/sources.py reads them with `datasets`) ---------------------------
 
-def _jsonl_records(path: Path, text: str) -> Iterator[Record]:
-    for no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+Columns = Mapping[str, str]  # data.columns: canonical name -> the user's column name
+Record = tuple[Source, int, Any]  # (where it came from, its index there, the row)
+
+
+def _records(path: str | Path, columns: Optional[Columns] = None) -> Iterator[Record]:
+    """Every record of data.path `path`: a file, shards in a directory, a save_to_disk dir."""
+    for source in sources(path):
+        for index, rec in rows(source, columns or {}):
+            yield source, index, rec
+
+
+def _located(records: Iterator[Record], parse: Callable[[Any], Any]) -> Iterator[tuple[Source, int, Any]]:
+    """(source, index, parse(record)) for each record; a _Bad from parse becomes `where: ...`
+    (`path:line` for JSON, `path: row N` otherwise)."""
+    for source, index, rec in records:
         try:
-            yield no, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{no}: invalid JSON: {err.msg} (column {err.colno})") from err
-
-
-def _json_list_records(path: Path, text: str) -> Iterator[Record]:
-    """Items of a top-level JSON list, each with the line its value starts on."""
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from err
-    if not isinstance(items, list):
-        raise ValueError(f"{path}:1: expected a JSON list of records, got {type(items).__name__}")
-    # Re-scan item by item (the text is known valid) only to learn where each one starts.
-    decoder, ws = json.JSONDecoder(), re.compile(r"[\s,]*")
-    pos = ws.match(text, text.index("[") + 1).end()
-    for item in items:
-        _, end = decoder.raw_decode(text, pos)
-        yield text.count("\n", 0, pos) + 1, item
-        pos = ws.match(text, end).end()
-
-
-def _records(path: str | Path, allow_list: bool = False) -> tuple[Path, Iterator[Record]]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {p}")
-    text = p.read_text(encoding="utf-8")
-    if allow_list and text.lstrip().startswith("["):
-        return p, _json_list_records(p, text)
-    return p, _jsonl_records(p, text)
-
-
-def _located(path: Path, records: Iterator[Record], parse: Callable[[Any], Any]) -> Iterator[tuple[int, Any]]:
-    """(line, parse(record)) for each record; a _Bad from parse becomes `path:line: ...`."""
-    for no, rec in records:
-        try:
-            yield no, parse(rec)
+            yield source, index, parse(rec)
         except _Bad as err:
-            raise ValueError(f"{path}:{no}: {err}") from None
+            raise ValueError(f"{source.where(index)}: {err}") from None
 
 
 # ---- field checks ---------------------------------------------------------------------------
@@ -139,20 +124,32 @@ def _messages(value: Any, key: str) -> list[Message]:
 
 # ---- chatml and alpaca ----------------------------------------------------------------------
 
+def _prompt_completion(obj: dict[str, Any]) -> list[Message]:
+    """TRL's prompt-completion shape: the prompt (a string: one user turn, or messages), then
+    the completion (a string: one assistant turn, or messages)."""
+    prompt = [Message("user", _text(obj, "prompt"))] if isinstance(obj["prompt"], str) \
+        else _messages(obj["prompt"], "prompt")
+    completion = [Message(ASSISTANT, _text(obj, "completion"))] if isinstance(obj["completion"], str) \
+        else _messages(obj["completion"], "completion")
+    return prompt + completion
+
+
 def _parse_chatml(rec: Any) -> list[Message]:
     obj = _obj(rec)
-    if "messages" not in obj:
+    if "messages" not in obj and "prompt" in obj and "completion" in obj:
+        msgs = _prompt_completion(obj)
+    elif "messages" not in obj:
         raise _Bad(f"missing key 'messages' (keys: {sorted(obj)})")
-    msgs = _messages(obj["messages"], "messages")
+    else:
+        msgs = _messages(obj["messages"], "messages")
     if not any(m.role == ASSISTANT for m in msgs):
         raise _Bad("the conversation has no assistant turn to train on")
     return msgs
 
 
-def read_chatml(path: str | Path) -> list[list[Message]]:
-    """Conversations of a chatML JSONL file."""
-    p, records = _records(path)
-    return [msgs for _, msgs in _located(p, records, _parse_chatml)]
+def read_chatml(path: str | Path, columns: Optional[Columns] = None) -> list[list[Message]]:
+    """Conversations (the `messages` column) of data.path `path`."""
+    return [msgs for _, _, msgs in _located(_records(path, columns), _parse_chatml)]
 
 
 def _alpaca_turns(instruction: str, inp: str, output: str) -> list[Message]:
@@ -180,32 +177,65 @@ def _parse_alpaca(rec: Any) -> list[list[Message]]:
     return out
 
 
-def read_alpaca(path: str | Path) -> list[list[Message]]:
-    """[user, assistant] conversations of an Alpaca JSON list / JSONL (classic or seed tasks)."""
-    p, records = _records(path, allow_list=True)
-    return [conv for _, convs in _located(p, records, _parse_alpaca) for conv in convs]
+def read_alpaca(path: str | Path, columns: Optional[Columns] = None) -> list[list[Message]]:
+    """[user, assistant] conversations of Alpaca records (classic or seed tasks)."""
+    return [conv for _, _, convs in _located(_records(path, columns), _parse_alpaca) for conv in convs]
 
 
 # ---- preference pairs -----------------------------------------------------------------------
 
-def _parse_preference(rec: Any) -> PreferencePair:
-    obj = _obj(rec)
-    if "prompt" not in obj:
-        raise _Bad(f"missing key 'prompt' (keys: {sorted(obj)})")
-    prompt = [Message("user", _text(obj, "prompt"))] if isinstance(obj["prompt"], str) \
-        else _messages(obj["prompt"], "prompt")
-    if prompt[-1].role != "user":
-        raise _Bad(f"the prompt must end with a user turn, not {prompt[-1].role!r}")
-    chosen, rejected = _text(obj, "chosen"), _text(obj, "rejected")
+def _reply(obj: dict[str, Any], key: str) -> str:
+    """A preference reply: a string, or (TRL's conversational form) one assistant message."""
+    if not isinstance(obj.get(key), list):
+        return _text(obj, key)
+    msgs = _messages(obj[key], key)
+    if len(msgs) != 1 or msgs[0].role != ASSISTANT:
+        raise _Bad(f"{key!r} as a message list must be one assistant turn (the turns before it go in "
+                   f"'prompt'); got roles {[m.role for m in msgs]}")
+    return msgs[0].content
+
+
+def _implicit_preference(obj: dict[str, Any]) -> PreferencePair:
+    """{"chosen": [messages], "rejected": [messages]}: the prompt is what the two share."""
+    chosen, rejected = _messages(obj["chosen"], "chosen"), _messages(obj["rejected"], "rejected")
+    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[-1].role != ASSISTANT:
+            raise _Bad(f"{key!r} must end with an assistant turn, not {msgs[-1].role!r}")
+    if chosen[:-1] != rejected[:-1]:
+        raise _Bad("'chosen' and 'rejected' differ before their last assistant turn (the shared "
+                   "prompt); give the prompt as a 'prompt' column instead")
+    return _pair(chosen[:-1], chosen[-1].content, rejected[-1].content)
+
+
+def _pair(prompt: list[Message], chosen: str, rejected: str) -> PreferencePair:
+    if not prompt or prompt[-1].role != "user":
+        raise _Bad(f"the prompt must end with a user turn, not {prompt[-1].role if prompt else 'nothing'!r}")
+    if not chosen.strip() or not rejected.strip():
+        raise _Bad("'chosen' or 'rejected' is empty")
     if chosen == rejected:
         raise _Bad("'chosen' and 'rejected' are identical")
     return PreferencePair(prompt, chosen, rejected)
 
 
-def read_preference(path: str | Path) -> list[PreferencePair]:
-    """Pairs of an explicit preference JSONL; a string prompt is one user turn."""
-    p, records = _records(path)
-    return [pair for _, pair in _located(p, records, _parse_preference)]
+def _parse_preference(rec: Any) -> PreferencePair:
+    obj = _obj(rec)
+    if "prompt" not in obj:
+        if isinstance(obj.get("chosen"), list) and isinstance(obj.get("rejected"), list):
+            return _implicit_preference(obj)
+        raise _Bad(f"missing key 'prompt' (keys: {sorted(obj)})")
+    prompt = [Message("user", _text(obj, "prompt"))] if isinstance(obj["prompt"], str) \
+        else _messages(obj["prompt"], "prompt")
+    if prompt[-1].role != "user":
+        raise _Bad(f"the prompt must end with a user turn, not {prompt[-1].role!r}")
+    chosen, rejected = _reply(obj, "chosen"), _reply(obj, "rejected")
+    if chosen == rejected:
+        raise _Bad("'chosen' and 'rejected' are identical")
+    return PreferencePair(prompt, chosen, rejected)
+
+
+def read_preference(path: str | Path, columns: Optional[Columns] = None) -> list[PreferencePair]:
+    """Preference pairs (module doc); a string prompt is one user turn."""
+    return [pair for _, _, pair in _located(_records(path, columns), _parse_preference)]
 
 
 # ---- HH-RLHF --------------------------------------------------------------------------------
@@ -252,29 +282,31 @@ def _parse_hh(rec: Any) -> PreferencePair | _Skip:
     return PreferencePair(prompt, chosen[-1].content, rejected[-1].content)
 
 
-def read_hh_rlhf_report(path: str | Path,
-                       strict: bool = False) -> tuple[list[PreferencePair], dict[str, list[int]]]:
-    """(pairs, skipped) of an HH-RLHF JSONL file; skipped maps a reason to its line numbers.
+def read_hh_rlhf_report(path: str | Path, strict: bool = False, columns: Optional[Columns] = None
+                        ) -> tuple[list[PreferencePair], dict[str, list[int]]]:
+    """(pairs, skipped) of HH-RLHF records; skipped maps a reason to its line numbers (JSON
+    files; row numbers otherwise).
 
     Reasons: "prefix_mismatch", "bad_prompt", "empty_reply", "identical". With strict=True
     the first such record raises `path:line: ...` instead.
     """
-    p, records = _records(path)
     pairs: list[PreferencePair] = []
     skipped: dict[str, list[int]] = {}
-    for no, got in _located(p, records, _parse_hh):
+    for source, index, got in _located(_records(path, columns), _parse_hh):
         if isinstance(got, PreferencePair):
             pairs.append(got)
         elif strict:
-            raise ValueError(f"{p}:{no}: {got}")
+            raise ValueError(f"{source.where(index)}: {got}")
         else:
-            skipped.setdefault(got.reason, []).append(no)
+            line = source.line(index)
+            skipped.setdefault(got.reason, []).append(index if line is None else line)
     return pairs, skipped
 
 
-def read_hh_rlhf(path: str | Path, strict: bool = False) -> list[PreferencePair]:
-    """Pairs of an HH-RLHF JSONL file; unusable records are skipped and logged (see module doc)."""
-    pairs, skipped = read_hh_rlhf_report(path, strict)
+def read_hh_rlhf(path: str | Path, strict: bool = False, columns: Optional[Columns] = None
+                 ) -> list[PreferencePair]:
+    """Pairs of HH-RLHF records; unusable records are skipped and logged (see module doc)."""
+    pairs, skipped = read_hh_rlhf_report(path, strict, columns)
     if skipped:
         detail = "; ".join(f"{r}: {len(v)} (lines {', '.join(map(str, v[:5]))}"
                            f"{', ...' if len(v) > 5 else ''})" for r, v in sorted(skipped.items()))
@@ -312,13 +344,12 @@ def _parse_prompt_record(rec: Any) -> PromptItem:
     return prompt, fields
 
 
-def read_prompts(path: str | Path) -> list[PromptItem]:
-    """RL prompts with their per-prompt fields (format "prompts"): JSONL or a JSON list."""
-    p, records = _records(path, allow_list=True)
-    return [item for _, item in _located(p, records, _parse_prompt_record)]
+def read_prompts(path: str | Path, columns: Optional[Columns] = None) -> list[PromptItem]:
+    """RL prompts with their per-prompt fields (format "prompts")."""
+    return [item for _, _, item in _located(_records(path, columns), _parse_prompt_record)]
 
 
-READERS: dict[str, Callable[[str | Path], list[Any]]] = {
+READERS: dict[str, Callable[..., list[Any]]] = {
     "chatml": read_chatml,
     "alpaca": read_alpaca,
     "hh_rlhf": read_hh_rlhf,
@@ -329,21 +360,64 @@ CONVERSATION_FORMATS: tuple[str, ...] = ("chatml", "alpaca", "hh_rlhf", "prefere
 PAIR_FORMATS: tuple[str, ...] = ("hh_rlhf", "preference")
 
 
-def read_conversations(fmt: str, path: str | Path) -> list[list[Message]]:
+def read_conversations(fmt: str, path: str | Path, columns: Optional[Columns] = None) -> list[list[Message]]:
     """Training conversations of `path` in format `fmt` (pair formats give prompt + chosen)."""
     if fmt not in CONVERSATION_FORMATS:
         raise ValueError(f"data.format={fmt!r} does not hold conversations; "
                          f"use one of {CONVERSATION_FORMATS}")
     if fmt in PAIR_FORMATS:
-        return _chosen_conversations(READERS[fmt](path))
-    return READERS[fmt](path)
+        return _chosen_conversations(READERS[fmt](path, columns=columns))
+    return READERS[fmt](path, columns=columns)
 
 
-def read_pairs(fmt: str, path: str | Path) -> list[PreferencePair]:
+def read_pairs(fmt: str, path: str | Path, columns: Optional[Columns] = None) -> list[PreferencePair]:
     """Preference pairs of `path` in format `fmt`."""
     if fmt not in PAIR_FORMATS:
         raise ValueError(f"data.format={fmt!r} does not hold preference pairs; use one of {PAIR_FORMATS}")
-    return READERS[fmt](path)
+    return READERS[fmt](path, columns=columns)
+
+
+# ---- text (data.format=text from a data set) -------------------------------------------------
+
+def _parse_text(rec: Any) -> str:
+    return _text(_obj(rec), "text")
+
+
+def read_texts(path: str | Path, columns: Optional[Columns] = None) -> list[str]:
+    """The `text` column of data.path (pretraining documents from a data set), one a row."""
+    return [text for _, _, text in _located(_records(path, columns), _parse_text)]
+
+
+# ---- the shape, detected (data.format=auto) -------------------------------------------------
+
+def _shape_of(rec: Any) -> str:
+    """The format of one record by its columns (after the column mapping)."""
+    obj = _obj(rec)
+    if "messages" in obj or ("prompt" in obj and "completion" in obj):
+        return "chatml"
+    if "chosen" in obj and "rejected" in obj:
+        if "prompt" in obj or isinstance(obj["chosen"], list):
+            return "preference"
+        return "hh_rlhf"
+    if "instruction" in obj:
+        return "alpaca"
+    if "prompt" in obj:
+        return "prompts"
+    raise _Bad(f"no known shape in its columns {sorted(obj)}: expected 'messages' (conversational), "
+               f"'prompt' + 'completion' (prompt-completion), "
+               f"'prompt' + 'chosen' + 'rejected' or 'chosen' + 'rejected' (preference), 'prompt' "
+               f"(prompt-only) or 'instruction' (Alpaca); map other names with data.columns.*")
+
+
+def detect_format(path: str | Path, columns: Optional[Columns] = None) -> str:
+    """The format (one of PARSERS) of data.path's first record: data.format=auto."""
+    source = sources(path)[0]
+    for index, rec in rows(source, columns or {}, limit=1):
+        try:
+            return _shape_of(rec)
+        except _Bad as err:
+            raise ValueError(f"{source.where(index)}: {err}") from None
+    raise ValueError(f"{source.path}: no records")
 
 
 # ---- sniffing (the launcher's check before start) ------------------------------------------
@@ -375,19 +449,26 @@ def _head_text(path: Path) -> tuple[Optional[str], str]:
     return None, text
 
 
-def sniff(fmt: str, path: str | Path, records: int = SNIFF_RECORDS) -> Optional[str]:
-    """The first problem in the head of a `fmt` data file ("path:line: what"), or None: UTF-8,
-    not empty and, for the JSON formats, the first `records` records parse as that format.
-    Reads at most SNIFF_BYTES, so the launcher can check before anything starts."""
+def sniff(fmt: str, path: str | Path, records: int = SNIFF_RECORDS,
+          columns: Optional[Columns] = None) -> Optional[str]:
+    """The first problem in the head of `fmt` data at `path` ("path:line: what"), or None:
+    UTF-8, not empty and, for the record formats, the first `records` records parse as that
+    format. A JSON file is read for at most SNIFF_BYTES; the columnar formats and directories
+    for their first `records` rows, through `datasets`. So the launcher can check before
+    anything starts."""
     p = Path(path)
+    if fmt == "text" and not has_text_files(str(p)):
+        return _sniff_rows(fmt, p, records, columns or {}, _parse_text)
+    if p.is_dir() or BUILDERS.get(p.suffix, "json") != "json":
+        return _sniff_rows(fmt, p, records, columns or {}) if fmt in PARSERS else None
     problem, text = _head_text(p)
     if problem or fmt not in PARSERS:
         return problem
-    if fmt == "alpaca" and text.lstrip().startswith("["):
+    if text.lstrip().startswith("["):
         if p.stat().st_size > SNIFF_BYTES:
             return None  # a JSON list parses only whole: the trainer's reader checks it
         try:
-            found = list(itertools.islice(_json_list_records(p, text), records))
+            found = list(itertools.islice(json_records(p, text), records))
         except ValueError as err:  # invalid JSON, named by line
             return f"{err} (not {fmt} data)"
     else:
@@ -400,7 +481,24 @@ def sniff(fmt: str, path: str | Path, records: int = SNIFF_RECORDS) -> Optional[
                 return f"{p}:{no}: not {fmt} data: invalid JSON: {err.msg} (column {err.colno})"
     for no, rec in found:
         try:
-            PARSERS[fmt](rec)
+            PARSERS[fmt](clean_row(rec, columns or {}))
         except _Bad as err:
             return f"{p}:{no}: not {fmt} data: {err}"
+    return None
+
+
+def _sniff_rows(fmt: str, path: Path, records: int, columns: Columns,
+                parse: Optional[Callable[[Any], Any]] = None) -> Optional[str]:
+    try:
+        source = sources(path)[0]
+        found = list(rows(source, columns, limit=records))
+    except (ValueError, OSError) as err:
+        return str(err)
+    if not found:
+        return f"{source.path}: no records"
+    for index, rec in found:
+        try:
+            (parse or PARSERS[fmt])(rec)
+        except _Bad as err:
+            return f"{source.where(index)}: not {fmt} data: {err}"
     return None

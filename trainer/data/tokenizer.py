@@ -123,6 +123,29 @@ class Tokenizer:
     def im_end_id(self) -> int:
         return self._chat_id(IM_END)
 
+    @property
+    def chat_template(self) -> Any:
+        """The model's own chat template (trainer/data/chat_template.ChatTemplate) when a
+        tokenizer_config.json with a `chat_template` sits beside the tokenizer file (an
+        imported Hugging Face model); None: chatforge's ChatML (trainer/data/chat.py)."""
+        if not hasattr(self, "_template"):
+            from trainer.data.chat_template import ChatTemplate, read_template_config
+
+            config = read_template_config(self.path)
+            self._template = ChatTemplate(config, self) if config is not None else None
+        return self._template
+
+    @property
+    def end_of_turn_id(self) -> int:
+        """The id that ends an assistant turn (generation stops there): `<|im_end|>` in
+        ChatML, the chat template's end-of-turn token otherwise."""
+        template = self.chat_template
+        return template.end_of_turn_id if template is not None else self.im_end_id
+
+    def piece_id(self, piece: str) -> Optional[int]:
+        """The id of the single token `piece`, or None if the vocabulary lacks it."""
+        raise NotImplementedError
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; `<|im_start|>`/`<|im_end|>` inside it become their single ids."""
         raise NotImplementedError
@@ -136,7 +159,7 @@ class Tokenizer:
 
     def response_text(self, ids: Sequence[int]) -> str:
         """Text of a generated response: its end-of-turn and EOD ids dropped."""
-        return self.decode([t for t in ids if t not in (self.im_end_id, self.eod_id)])
+        return self.decode([t for t in ids if t not in (self.end_of_turn_id, self.eod_id)])
 
     def id_to_piece(self, idx: int) -> str:
         raise NotImplementedError
@@ -165,6 +188,9 @@ class SentencePieceTokenizer(Tokenizer):
         idx = self._sp.piece_to_id(piece)
         # piece_to_id answers unk for unknown pieces rather than failing.
         return None if idx == self._sp.unk_id() else int(idx)
+
+    def piece_id(self, piece: str) -> Optional[int]:
+        return self._optional_id(piece)
 
     @property
     def vocab_size(self) -> int:
@@ -230,6 +256,25 @@ class HFTokenizer(Tokenizer):
 
     def id_to_piece(self, idx: int) -> str:
         return str(self._tok.id_to_token(int(idx)))
+
+    def piece_id(self, piece: str) -> Optional[int]:
+        idx = self._tok.token_to_id(piece)
+        return None if idx is None else int(idx)
+
+
+def copy_tokenizer(source: Path, dest_dir: Path) -> Path:
+    """Copy the tokenizer file `source` into `dest_dir` under its canonical name, with the
+    files beside it that hold the model's chat template (chat_template.TEMPLATE_FILES)."""
+    import shutil
+
+    from trainer.data.chat_template import TEMPLATE_FILES
+
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = Path(shutil.copyfile(source, dest_dir / canonical_name(source)))
+    for name in TEMPLATE_FILES:
+        if (Path(source).parent / name).is_file():
+            shutil.copyfile(Path(source).parent / name, dest_dir / name)
+    return dest
 
 
 def add_chat_pieces(source: Path, dest: Path) -> list[str]:

@@ -26,8 +26,10 @@ STAGES: dict[str, str] = {
 }
 
 # The data formats each stage reads (data.format); the launcher checks them before a run.
-_CHATS = ("embedded", "chatml", "alpaca", "hh_rlhf", "preference")
-_PAIRS = ("embedded", "hh_rlhf", "preference")
+# "auto": the shape of the first record (trainer/data/readers.detect_format), which must be
+# one the stage reads (the launcher checks).
+_CHATS = ("embedded", "chatml", "alpaca", "hh_rlhf", "preference", "auto")
+_PAIRS = ("embedded", "hh_rlhf", "preference", "auto")
 # RL prompts: any prompt source, and "prompts" files whose extra fields reach the rewards.
 _PROMPTS = _CHATS + ("prompts",)
 STAGE_DATA: dict[str, tuple[str, ...]] = {

@@ -47,7 +47,7 @@ def _sample_prompts(ctx: RunContext, tok: Tokenizer, policy: Engine, scorer: Sco
         chunk = mine[k:k + per_batch]
         ids = [prompt_ids(tok, prompts[i]) for i in chunk for _ in range(n)]
         seed = int(cfg.seed) * 1_000_003 + topo.dp_rank * 10_007 + b
-        gen = generate(policy, ids, sampling, stop_ids={tok.im_end_id, tok.eod_id}, pad_id=tok.pad_id, seed=seed)
+        gen = generate(policy, ids, sampling, stop_ids={tok.end_of_turn_id, tok.eod_id}, pad_id=tok.pad_id, seed=seed)
         scores = scorer(ids, gen.tokens)
         for j, i in enumerate(chunk):
             rows = range(j * n, (j + 1) * n)

@@ -50,7 +50,7 @@ from parallel.engine import Engine
 from trainer.batches import join_outputs, pair_collate, split_rows
 from trainer.checkpoint_files import CheckpointError
 from trainer.checkpointing import resolve_load_path, source_model, tokenizer_of
-from trainer.data.chat import Message, prompt_ids
+from trainer.data.chat import Message, prompt_ids, response_ids
 from trainer.data.chat_embedded import task_family
 from trainer.data.chat_prepare import (embedded_training_prompts, gold_of, heldout_pairs, longest_row, pair_arrays,
                                        prepare_prompts, prompt_key, response_rows)
@@ -178,7 +178,7 @@ class EvalJob:
                 raise ValueError(f"eval.models: {path} answered other prompts than this evaluation's "
                                  f"(prompt {self.index[i]}); run both on the same data settings")
             texts.append(record["best_response"])
-        responses = [self.tok.encode(t) + [self.tok.im_end_id] for t in texts]
+        responses = [response_ids(self.tok, t) for t in texts]
         n = int(json.loads((path / BON_SUMMARY).read_text())["n"])
         return _Responses(self.ids, responses, texts), n
 
