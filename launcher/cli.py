@@ -192,6 +192,7 @@ def _run_on_local(cfg: DictConfig, config_path: Path) -> int:
         run_dir=Path(cfg.run.dir),
         env_extra={},
         threads=int(cfg.cluster.threads_per_proc),
+        hang_timeout=float(cfg.train.hang_timeout),
     )
 
 
