@@ -9,6 +9,14 @@ second before the trainer even starts) and runs TrainerTask, which starts
 <run.dir>/logs/rank_N.log, and when the trainer exits with EXIT_REQUEUE after a signal,
 global rank 0 requeues the job. Torch-free: it runs before (and around) the trainer.
 
+Hangs: every task wrapper also runs the watchdog (launcher/watchdog.py) over every rank's
+heartbeat in the shared run dir. A wrapper that finds a rank without progress for
+train.hang_timeout seconds stops its own trainer (SIGTERM, SIGKILL after a grace) and exits
+with EXIT_HANG; srun's --kill-on-bad-exit then ends every other task of the step. The first
+wrapper to find it (an O_EXCL marker in logs/slurm/) says which rank, host and step, and
+requeues the job while cluster.max_requeues allows (the run resumes from its last complete
+checkpoint), recorded in requeues.jsonl with reason "hang".
+
 Signals: Slurm delivers USR1 (cluster.signal_seconds before the time limit, or
 `scancel --signal=USR1`) and SIGTERM (preemption, scancel) to every process of the step,
 the trainer included, so this wrapper records them and does not forward them (forwarding
@@ -29,10 +37,16 @@ from pathlib import Path
 from typing import IO
 
 # EX_TEMPFAIL: the trainer saved a checkpoint after a stop signal; run it again. Torch-free.
-from trainer.exitcodes import EXIT_REQUEUE, MEANING
+from launcher.watchdog import Stall, Watchdog, descendants, process_state
+from trainer.exitcodes import EXIT_HANG, EXIT_REQUEUE, MEANING
 
 TIMEOUT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 TAIL_LINES = 40
+GRACE_S = 5.0  # a hung job's trainer: SIGTERM, then SIGKILL after this
+# A task whose own trainer is not the stopped one waits this long before it reports the stall,
+# so that the task that can see the culprit's process state names it.
+DEFER_S = 3.0
+POLL_S = 0.5
 
 
 def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
@@ -109,6 +123,7 @@ class TrainerTask:
     run_dir: str
     threads: int = 1
     max_requeues: int = 3
+    hang_timeout: float = 0.0  # train.hang_timeout; 0: no watchdog
     python: str = field(default_factory=lambda: sys.executable)
 
     def __call__(self) -> int:
@@ -136,20 +151,75 @@ class TrainerTask:
             assert proc.stdout is not None
             tee = threading.Thread(target=_tee, args=(proc.stdout, log), daemon=True)
             tee.start()
-            while True:
-                try:
-                    code = proc.wait()
-                    break
-                except InterruptedError:  # a recorded signal; keep waiting for the trainer
-                    continue
+            code = self._watch(proc, rank)
             tee.join(timeout=10)
         return code if code >= 0 else 128 - code
+
+    def _watch(self, proc: subprocess.Popen, rank: int) -> int:
+        """Wait for the trainer; EXIT_HANG after stopping it when the watchdog finds a stall."""
+        world = int(os.environ.get("SLURM_NTASKS", "1"))
+        watchdog = Watchdog(Path(self.run_dir), world, self.hang_timeout)
+        while True:
+            try:
+                return proc.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            except InterruptedError:  # a recorded signal; keep waiting for the trainer
+                continue
+            stall = watchdog.poll(state=lambda r: process_state(proc.pid) if r == rank else "")
+            if stall is None:
+                continue
+            if stall.rank != rank or stall.state not in ("T", "t"):
+                time.sleep(DEFER_S)
+            self._hang(stall)
+            helpers = descendants(proc.pid)  # before the trainer dies and they are reparented
+            proc.terminate()
+            try:
+                proc.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # a stopped trainer, or one blocked in a collective
+                proc.wait()
+            for pid in helpers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return EXIT_HANG
+
+    def _hang(self, stall: Stall) -> None:
+        """Said and acted on once per job attempt, by whichever task found the stall first."""
+        run_dir, job = Path(self.run_dir), os.environ.get("SLURM_JOB_ID", "")
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0") or "0"
+        marker = requeue_log(run_dir).with_name(f"hang_{job}_{restart}.json")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps({"rank": stall.rank, "silent_s": stall.silent_s,
+                                     "beat": stall.beat.__dict__ if stall.beat else None}))
+        hangs = sum(1 for r in requeue_records(run_dir)
+                    if r.get("reason") == "hang" and str(r.get("job")) == job)
+        print(f"chatforge: {stall.message(self.hang_timeout)}; stopping job {job} (exit {EXIT_HANG})",
+              flush=True)
+        if hangs >= self.max_requeues or not job:
+            print(f"chatforge: not requeued (cluster.max_requeues={self.max_requeues}); rerun "
+                  f"the same command to resume from the last complete checkpoint", flush=True)
+            return
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if done.returncode == 0:
+            _record_requeue(run_dir, job, "hang", [])
+            print(f"chatforge: job {job} requeued (hang); it resumes from the last complete "
+                  f"checkpoint", flush=True)
+        else:
+            print(f"chatforge: scontrol requeue {job}: {done.stderr.strip()}", flush=True)
 
     def _finish(self, rank: int, code: int, received: list[int]) -> int:
         """The task's exit code; raises with the trainer's traceback when it failed."""
         run_dir = Path(self.run_dir)
-        if code == 0:
-            return 0
+        if code in (0, EXIT_HANG):
+            return code  # a hang was reported by the task that found it (_hang)
         log = run_dir / "logs" / f"rank_{rank}.log"
         if code != EXIT_REQUEUE:
             what = MEANING.get(code, "the trainer exited")
@@ -181,17 +251,21 @@ class TrainerTask:
                                f"scontrol requeue {job}: {done.stderr.strip()}")
         # Recorded only once requeued (a cancelled run is not a timeout to count); SLURM now
         # stops this job, with KillWait seconds to spare for these few bytes.
-        record = {"job": job, "reason": reason, "time": time.time(),
-                  "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
-                  "signals": [signal.Signals(s).name for s in received]}
-        path = requeue_log(run_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        _record_requeue(run_dir, job, reason, received)
         print(f"chatforge: job {job} requeued ({reason}); it resumes from the checkpoint",
               flush=True)
         # Not a return: submitit would record a result and the requeued run would look done.
         os._exit(EXIT_REQUEUE)
+
+
+def _record_requeue(run_dir: Path, job: str, reason: str, received: list[int]) -> None:
+    record = {"job": job, "reason": reason, "time": time.time(),
+              "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+              "signals": [signal.Signals(s).name for s in received]}
+    path = requeue_log(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 TASK_FILE = "task.json"

@@ -103,3 +103,55 @@ def test_sigstopped_rank_is_found_and_every_rank_stopped(tmp_path: Path,
     assert resumed[-1]["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-6)
     log = (run_dir / "logs" / "rank_0.log").read_text()
     assert re.search(r"continuing at step (\d+)", log), "the rerun did not resume"
+
+
+def test_slurm_task_wrappers_stop_a_hung_job(tmp_path: Path) -> None:
+    """The SLURM side without a cluster: two task wrappers (launcher.slurm_task, as srun starts
+    them, with SLURM_PROCID/SLURM_NTASKS) watch every rank's heartbeat; SIGSTOP one trainer
+    and both wrappers stop their trainers and exit with EXIT_HANG (under srun,
+    --kill-on-bad-exit ends the step at the first), the one that found it first says which
+    rank, and no job id means no requeue is tried."""
+    import json
+    import subprocess
+
+    from launcher.local import free_port
+    from launcher.slurm_task import TASK_FILE
+
+    run_dir = tmp_path / "run"
+    path = write_config(run_dir, copy.deepcopy(BASE))
+    folder = run_dir / "logs" / "slurm"
+    folder.mkdir(parents=True)
+    (folder / TASK_FILE).write_text(json.dumps({
+        "config_path": str(path), "run_dir": str(run_dir), "threads": 1, "max_requeues": 0,
+        "hang_timeout": HANG_TIMEOUT, "python": sys.executable}))
+    port = free_port()
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "WORLD_SIZE", "SLURM_JOB_ID")}
+    wrappers = [subprocess.Popen(
+        [sys.executable, "-m", "launcher.slurm_task", str(folder)], cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO), "SLURM_PROCID": str(r), "SLURM_NTASKS": "2",
+             "SLURM_LOCALID": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True) for r in range(2)]
+    beat_path = heartbeat_path(run_dir, 1)
+    try:
+        _wait("rank 1 past the checkpoint", lambda: getattr(read_beat(beat_path), "step", 0) > 5)
+        beat = read_beat(beat_path)
+        assert beat is not None
+        job = [child for w in wrappers for child in psutil.Process(w.pid).children(recursive=True)]
+        os.kill(beat.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        outputs = [w.communicate(timeout=HANG_TIMEOUT + 60)[0].decode(errors="replace") for w in wrappers]
+        took = time.monotonic() - stopped
+    finally:
+        for w in wrappers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGKILL)
+    print(f"slurm task wrappers: hang found and both exited {took:.1f} s after SIGSTOP")
+    assert [w.returncode for w in wrappers] == [EXIT_HANG, EXIT_HANG], outputs
+    said = "".join(outputs)
+    assert said.count("chatforge: watchdog: rank 1 on ") == 1, said[-3000:]
+    assert "(its process is stopped)" in said or "likely waiting for it" in said
+    assert "not requeued (cluster.max_requeues=0)" in said
+    assert took < HANG_TIMEOUT + 30
+    alive = [p for p in job if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], alive
