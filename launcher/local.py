@@ -9,6 +9,7 @@ launcher never leaves ranks blocked in a collective forever.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from launcher.watchdog import Stall, Watchdog, process_state
 from trainer.exitcodes import EXIT_HANG, EXIT_REQUEUE, MEANING  # torch-free
 from trainer.heartbeat import Beat
 
+FAILURE_FILE = "failure.json"
 GRACE_S = 5.0  # between the polite signal and SIGKILL
 TAIL_LINES = 30  # of the failing rank's log, printed on failure
 POLL_S = 0.05
@@ -189,7 +191,7 @@ def _first_failure(procs: list[subprocess.Popen], interrupted: Callable[[], bool
     return -1
 
 
-def _death_line(rank: int, code: int, beat: Optional[Beat]) -> str:
+def death_line(rank: int, code: int, beat: Optional[Beat]) -> str:
     """What the launcher says of a rank that failed: its host, last step and memory peak when
     it beat, and for SIGKILL the usual culprit."""
     who = beat.where() if beat else f"rank {rank}"
@@ -215,6 +217,7 @@ def run_local(cmd: list[str], world_size: int, run_dir: Path, env_extra: dict[st
         raise ValueError(f"world_size={world_size}: must be >= 1")
     log_dir = Path(run_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's
     watchdog = Watchdog(run_dir, world_size, hang_timeout)  # before the ranks: old beats
     procs, logs = _start_ranks(cmd, world_size, log_dir, env_extra, threads)
     received: list[int] = []
@@ -248,14 +251,30 @@ def run_local(cmd: list[str], world_size: int, run_dir: Path, env_extra: dict[st
               f"same command to resume", file=sys.stderr)
         return EXIT_REQUEUE
     if failed == -4:
-        print(f"chatforge: {stalls[0].message(hang_timeout)}; stopped every rank (exit {EXIT_HANG})."
-              f" {_resume_hint(run_dir)}", file=sys.stderr)
+        line = f"{stalls[0].message(hang_timeout)}; stopped every rank (exit {EXIT_HANG})"
+        _record_failure(log_dir, stalls[0].rank, EXIT_HANG, line)
+        print(f"chatforge: {line}. {_resume_hint(run_dir)}", file=sys.stderr)
         return EXIT_HANG
     code = _exit_code(procs[failed].returncode)
     path = log_dir / f"rank_{failed}.log"
-    print(f"chatforge: {_death_line(failed, code, watchdog.last_beat(failed))}; last "
-          f"lines of {path}:\n{log_tail(path)}", file=sys.stderr)
+    line = death_line(failed, code, watchdog.last_beat(failed))
+    _record_failure(log_dir, failed, code, line)
+    print(f"chatforge: {line}; last lines of {path}:\n{log_tail(path)}", file=sys.stderr)
     return code
+
+
+def _record_failure(log_dir: Path, rank: int, code: int, line: str) -> None:
+    """<run.dir>/logs/failure.json: the launcher's verdict, for a sweep's summary."""
+    record = {"rank": rank, "exit_code": code, "message": line, "time": time.time()}
+    (log_dir / FAILURE_FILE).write_text(json.dumps(record) + "\n")
+
+
+def failure_line(run_dir: Path) -> str:
+    """The launcher's verdict on the run's last failure ("" if none was recorded)."""
+    try:
+        return str(json.loads((Path(run_dir) / "logs" / FAILURE_FILE).read_text())["message"])
+    except (OSError, ValueError, KeyError):
+        return ""
 
 
 def _resume_hint(run_dir: Path) -> str:
