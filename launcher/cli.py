@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from launcher.local import failure_line, run_local
+from launcher.failures import failure_line
+from launcher.local import run_local
 from launcher.recipe import is_done
 from trainer.exitcodes import DONE_FILE  # torch-free
 from launcher.schema import CONF_DIR, register_schema

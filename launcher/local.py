@@ -9,7 +9,6 @@ launcher never leaves ranks blocked in a collective forever.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import socket
@@ -20,11 +19,10 @@ import time
 from pathlib import Path
 from typing import IO, Callable, Optional
 
+from launcher.failures import clear_failure, death_line, record_failure
 from launcher.watchdog import Stall, Watchdog, process_state
-from trainer.exitcodes import EXIT_HANG, EXIT_REQUEUE, MEANING  # torch-free
-from trainer.heartbeat import Beat
+from trainer.exitcodes import EXIT_HANG, EXIT_REQUEUE  # torch-free
 
-FAILURE_FILE = "failure.json"
 GRACE_S = 5.0  # between the polite signal and SIGKILL
 TAIL_LINES = 30  # of the failing rank's log, printed on failure
 POLL_S = 0.05
@@ -191,17 +189,6 @@ def _first_failure(procs: list[subprocess.Popen], interrupted: Callable[[], bool
     return -1
 
 
-def death_line(rank: int, code: int, beat: Optional[Beat]) -> str:
-    """What the launcher says of a rank that failed: its host, last step and memory peak when
-    it beat, and for SIGKILL the usual culprit."""
-    who = beat.where() if beat else f"rank {rank}"
-    if code > 128 and code - 128 in signal.valid_signals():
-        sig = signal.Signals(code - 128)
-        oom = ": likely out of memory" if sig == signal.SIGKILL else ""
-        return f"{who} killed by signal {sig.value} ({sig.name}){oom}; exit code {code}"
-    return f"{who} {MEANING.get(code, 'failed')} with exit code {code}"
-
-
 def run_local(cmd: list[str], world_size: int, run_dir: Path, env_extra: dict[str, str],
               threads: int, grace_s: float = GRACE_S, hang_timeout: float = 0.0) -> int:
     """Run `cmd` as `world_size` ranks on this machine; return the job's exit code.
@@ -217,7 +204,7 @@ def run_local(cmd: list[str], world_size: int, run_dir: Path, env_extra: dict[st
         raise ValueError(f"world_size={world_size}: must be >= 1")
     log_dir = Path(run_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    (log_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's
+    clear_failure(run_dir)  # an earlier attempt's
     watchdog = Watchdog(run_dir, world_size, hang_timeout)  # before the ranks: old beats
     procs, logs = _start_ranks(cmd, world_size, log_dir, env_extra, threads)
     received: list[int] = []
@@ -252,29 +239,15 @@ def run_local(cmd: list[str], world_size: int, run_dir: Path, env_extra: dict[st
         return EXIT_REQUEUE
     if failed == -4:
         line = f"{stalls[0].message(hang_timeout)}; stopped every rank (exit {EXIT_HANG})"
-        _record_failure(log_dir, stalls[0].rank, EXIT_HANG, line)
+        record_failure(run_dir, stalls[0].rank, EXIT_HANG, line)
         print(f"chatforge: {line}. {_resume_hint(run_dir)}", file=sys.stderr)
         return EXIT_HANG
     code = _exit_code(procs[failed].returncode)
     path = log_dir / f"rank_{failed}.log"
     line = death_line(failed, code, watchdog.last_beat(failed))
-    _record_failure(log_dir, failed, code, line)
+    record_failure(run_dir, failed, code, line)
     print(f"chatforge: {line}; last lines of {path}:\n{log_tail(path)}", file=sys.stderr)
     return code
-
-
-def _record_failure(log_dir: Path, rank: int, code: int, line: str) -> None:
-    """<run.dir>/logs/failure.json: the launcher's verdict, for a sweep's summary."""
-    record = {"rank": rank, "exit_code": code, "message": line, "time": time.time()}
-    (log_dir / FAILURE_FILE).write_text(json.dumps(record) + "\n")
-
-
-def failure_line(run_dir: Path) -> str:
-    """The launcher's verdict on the run's last failure ("" if none was recorded)."""
-    try:
-        return str(json.loads((Path(run_dir) / "logs" / FAILURE_FILE).read_text())["message"])
-    except (OSError, ValueError, KeyError):
-        return ""
 
 
 def _resume_hint(run_dir: Path) -> str:

@@ -37,8 +37,10 @@ from pathlib import Path
 from typing import IO
 
 # EX_TEMPFAIL: the trainer saved a checkpoint after a stop signal; run it again. Torch-free.
+from launcher.failures import clear_failure, death_line, record_failure
 from launcher.watchdog import Stall, Watchdog, descendants, process_state
-from trainer.exitcodes import EXIT_HANG, EXIT_REQUEUE, MEANING
+from trainer.exitcodes import EXIT_HANG, EXIT_REQUEUE
+from trainer.heartbeat import heartbeat_path, read_beat
 
 TIMEOUT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 TAIL_LINES = 40
@@ -128,6 +130,8 @@ class TrainerTask:
 
     def __call__(self) -> int:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
+        if rank == 0:
+            clear_failure(Path(self.run_dir))  # an earlier attempt's verdict
         received: list[int] = []
         for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: received.append(signum))
@@ -148,6 +152,7 @@ class TrainerTask:
             proc = subprocess.Popen([self.python, "-m", "trainer", self.config_path],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, env=env)
+            self._trainer_pid = proc.pid
             assert proc.stdout is not None
             tee = threading.Thread(target=_tee, args=(proc.stdout, log), daemon=True)
             tee.start()
@@ -201,8 +206,9 @@ class TrainerTask:
                                      "beat": stall.beat.__dict__ if stall.beat else None}))
         hangs = sum(1 for r in requeue_records(run_dir)
                     if r.get("reason") == "hang" and str(r.get("job")) == job)
-        print(f"chatforge: {stall.message(self.hang_timeout)}; stopping job {job} (exit {EXIT_HANG})",
-              flush=True)
+        line = f"{stall.message(self.hang_timeout)}; stopping job {job} (exit {EXIT_HANG})"
+        record_failure(run_dir, stall.rank, EXIT_HANG, line)
+        print(f"chatforge: {line}", flush=True)
         if hangs >= self.max_requeues or not job:
             print(f"chatforge: not requeued (cluster.max_requeues={self.max_requeues}); rerun "
                   f"the same command to resume from the last complete checkpoint", flush=True)
@@ -222,9 +228,13 @@ class TrainerTask:
             return code  # a hang was reported by the task that found it (_hang)
         log = run_dir / "logs" / f"rank_{rank}.log"
         if code != EXIT_REQUEUE:
-            what = MEANING.get(code, "the trainer exited")
-            raise RuntimeError(f"rank {rank} on {socket.gethostname()}: {what} with code {code}; "
-                               f"last lines of {log}:\n{log_tail(log)}")
+            beat = read_beat(heartbeat_path(run_dir, rank))
+            if beat is None or beat.pid != getattr(self, "_trainer_pid", None):
+                beat = None  # an earlier attempt's
+            line = death_line(rank, code, beat)
+            record_failure(run_dir, rank, code, line)
+            where = "" if beat else f" on {socket.gethostname()}"
+            raise RuntimeError(f"{line}{where}; last lines of {log}:\n{log_tail(log)}")
         if rank != 0:
             return 0  # rank 0 decides; a clean exit keeps srun from killing it first
         reason = "timeout" if any(s in TIMEOUT_SIGNALS for s in received) else "preemption"
