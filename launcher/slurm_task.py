@@ -24,6 +24,7 @@ would deliver each one twice).
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -48,6 +49,7 @@ GRACE_S = 5.0  # a hung job's trainer: SIGTERM, then SIGKILL after this
 # A task whose own trainer is not the stopped one waits this long before it reports the stall,
 # so that the task that can see the culprit's process state names it.
 DEFER_S = 3.0
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 POLL_S = 0.5
 
 
@@ -132,6 +134,7 @@ class TrainerTask:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         if rank == 0:
             clear_failure(Path(self.run_dir))  # an earlier attempt's verdict
+        _become_subreaper()
         received: list[int] = []
         for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: received.append(signum))
@@ -157,6 +160,7 @@ class TrainerTask:
             tee = threading.Thread(target=_tee, args=(proc.stdout, log), daemon=True)
             tee.start()
             code = self._watch(proc, rank)
+            _stop_leftovers()  # before the join: a leftover helper holds the pipe open
             tee.join(timeout=10)
         return code if code >= 0 else 128 - code
 
@@ -266,6 +270,37 @@ class TrainerTask:
               flush=True)
         # Not a return: submitit would record a result and the requeued run would look done.
         os._exit(EXIT_REQUEUE)
+
+
+def _become_subreaper() -> None:
+    """Linux: the trainer's helper processes (checkpoint writers, multiprocessing's resource
+    tracker) that outlive it, e.g. when the OOM killer took the trainer, become children of
+    this wrapper instead of init's, so _stop_leftovers finds them. Slurm's proctrack/cgroup
+    would end them with the step; proctrack/linuxproc (the dev cluster's) loses orphans."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop_leftovers(wait_s: float = 2.0) -> None:
+    """SIGKILL whatever the finished trainer left behind (they ignore the stop signals), and
+    reap them: no process of the job outlives its task."""
+    for pid in descendants(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # no children left
+        if pid == 0:
+            time.sleep(0.02)
 
 
 def _record_requeue(run_dir: Path, job: str, reason: str, received: list[int]) -> None:

@@ -71,3 +71,15 @@ def test_sweep_points_that_die_hard_then_rerun(tmp_path: Path, slurm_env: dict[s
     ids = [r["job_id"] for r in records]
     assert ids[0] is None and ids[3] is None  # not submitted again
     assert ids[1] not in first_ids and ids[2] not in first_ids
+    # No process of any of these jobs is left (the killed trainer's helpers included).
+    import psutil
+
+    jobs = {str(i) for i in first_ids + ids if i}
+    left = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("SLURM_JOB_ID") in jobs:
+                left.append(proc.cmdline())
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    assert left == [], left
