@@ -111,6 +111,12 @@ class FaultConfig:
     nan_grad_step: int = 0  # 0: off
     nan_grad_rank: int = 0
     nan_grad_steps: int = 1
+    # Crash drill for the watchdog and sweeps (trainer/faults.py): "raise@N": rank
+    # `crash_rank` raises a RuntimeError after step N; "kill@N": it kills itself with SIGKILL
+    # after step N (as the kernel's out-of-memory killer would). Fires once per run dir, as a
+    # transient fault would, so rerunning the command completes. "" or "none": off.
+    crash: str = ""
+    crash_rank: int = 0
 
 
 @dataclass
@@ -130,6 +136,11 @@ class TrainConfig:
     # NaN/Inf on any rank; this many consecutive skipped steps stop the run, unsaved, with
     # exit code 76 (trainer/exitcodes.py). docs/checkpoints.md.
     max_bad_steps: int = 3
+    # The watchdog (launcher/watchdog.py) stops every rank of the job, exit code 77, when a
+    # rank's heartbeat (written after each step, before each evaluation and save) has not moved for this
+    # many seconds once the job's first heartbeat came; sized for GPU steps, evaluations and
+    # saves of large models. 0 disables it. docs/launcher.md.
+    hang_timeout: float = 1800.0
     fault: FaultConfig = field(default_factory=FaultConfig)
 
 

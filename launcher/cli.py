@@ -22,10 +22,13 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.failures import failure_line
 from launcher.local import run_local
+from launcher.recipe import is_done
 from launcher.resolved import write_resolved_config
 from launcher.schema import CONF_DIR, register_schema
-from launcher.sweep import PointResult, summarize
+from launcher.sweep import ALREADY_DONE, PointResult, summarize
+from trainer.exitcodes import DONE_FILE  # torch-free
 from launcher.validate import find_errors
 from launcher.validate_run import find_warnings
 
@@ -169,6 +172,7 @@ def _run_on_local(cfg: DictConfig, config_path: Path) -> int:
         run_dir=Path(cfg.run.dir),
         env_extra={},
         threads=int(cfg.cluster.threads_per_proc),
+        hang_timeout=float(cfg.train.hang_timeout),
     )
 
 
@@ -191,7 +195,11 @@ def _sweep_point(cfg: DictConfig, config_path: Path, results: list[PointResult])
     hc = HydraConfig.get()
     point = PointResult(num=int(hc.job.num), overrides=list(hc.overrides.task),
                         run_dir=Path(cfg.run.dir), sweep_dir=Path(hc.sweep.dir).absolute())
-    if cfg.cluster.name == "slurm":
+    if is_done(point.run_dir, cfg):
+        # Rerunning a sweep resumes only the points that did not finish.
+        point.code, point.state = 0, ALREADY_DONE
+        print(f"chatforge: sweep point {point.num}: already done ({DONE_FILE}), skipped", flush=True)
+    elif cfg.cluster.name == "slurm":
         from launcher.slurm import submit
 
         sub = submit(cfg, config_path)
@@ -204,7 +212,10 @@ def _sweep_point(cfg: DictConfig, config_path: Path, results: list[PointResult])
         if point.code:
             from launcher.slurm_task import failure_text
 
-            point.error = failure_text(Path(cfg.run.dir))
+            # The launcher's verdict (which rank, killed by which signal, its memory peak),
+            # then the traceback if a rank left one.
+            verdict = failure_line(point.run_dir)
+            point.error = (verdict + "\n" if verdict else "") + failure_text(point.run_dir)
     results.append(point)
 
 

@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import IO, Callable, Optional
 
-from trainer.exitcodes import EXIT_REQUEUE, MEANING  # torch-free
+from launcher.failures import clear_failure, death_line, record_failure
+from launcher.watchdog import Stall, Watchdog, process_state
+from trainer.exitcodes import EXIT_HANG, EXIT_REQUEUE  # torch-free
 
 GRACE_S = 5.0  # between the polite signal and SIGKILL
 TAIL_LINES = 30  # of the failing rank's log, printed on failure
@@ -164,12 +166,13 @@ def _start_ranks(cmd: list[str], world_size: int, log_dir: Path, env_extra: dict
     return procs, logs
 
 
-def _first_failure(procs: list[subprocess.Popen], interrupted: Callable[[], bool]
-                   ) -> Optional[int]:
+def _first_failure(procs: list[subprocess.Popen], interrupted: Callable[[], bool],
+                   watchdog: Watchdog, stalls: list[Stall]) -> Optional[int]:
     """Block until every rank succeeded (None), a rank failed (its rank) or a signal came
     (-1); -3 when every rank stopped with EXIT_REQUEUE (a stop signal, checkpoint saved: the
-    ranks agree on the step, so none is hurried). Among ranks found failed in the same poll
-    the lowest rank is named."""
+    ranks agree on the step, so none is hurried); -4 when the watchdog found a rank without
+    progress (appended to `stalls`). Among ranks found failed in the same poll the lowest
+    rank is named."""
     while not interrupted():
         codes = [proc.poll() for proc in procs]
         failed = [rank for rank, code in enumerate(codes) if code not in (None, 0, EXIT_REQUEUE)]
@@ -177,25 +180,35 @@ def _first_failure(procs: list[subprocess.Popen], interrupted: Callable[[], bool
             return failed[0]
         if all(code in (0, EXIT_REQUEUE) for code in codes):
             return -3 if EXIT_REQUEUE in codes else None
+        stall = watchdog.poll(gone=[rank for rank, code in enumerate(codes) if code is not None],
+                              state=lambda rank: process_state(procs[rank].pid))
+        if stall is not None:
+            stalls.append(stall)
+            return -4
         time.sleep(POLL_S)
     return -1
 
 
 def run_local(cmd: list[str], world_size: int, run_dir: Path, env_extra: dict[str, str],
-              threads: int, grace_s: float = GRACE_S) -> int:
+              threads: int, grace_s: float = GRACE_S, hang_timeout: float = 0.0) -> int:
     """Run `cmd` as `world_size` ranks on this machine; return the job's exit code.
 
     Rank 0 writes to the console and <run_dir>/logs/rank_0.log, rank N to rank_N.log. When
     a rank fails the others get SIGTERM (SIGKILL after `grace_s`), the failing rank's log
-    tail is printed and its exit code returned. SIGINT/SIGTERM to the launcher are
-    forwarded to every rank; a second one kills them at once.
+    tail is printed and its exit code returned. When a rank's heartbeat has not moved for
+    `hang_timeout` seconds (0: never) every rank is stopped the same way and EXIT_HANG
+    returned. SIGINT/SIGTERM to the launcher are forwarded to every rank; a second one kills
+    them at once.
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size}: must be >= 1")
     log_dir = Path(run_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    clear_failure(run_dir)  # an earlier attempt's
+    watchdog = Watchdog(run_dir, world_size, hang_timeout)  # before the ranks: old beats
     procs, logs = _start_ranks(cmd, world_size, log_dir, env_extra, threads)
     received: list[int] = []
+    stalls: list[Stall] = []
     restore = _install_handlers(received)
     lock = threading.Lock()
     tees = [threading.Thread(target=_tee, args=(pipe, console, logs[0], lock), daemon=True)
@@ -204,7 +217,7 @@ def run_local(cmd: list[str], world_size: int, run_dir: Path, env_extra: dict[st
         tee.start()
     failed: Optional[int] = -2  # stays -2 only if the launcher itself raised
     try:
-        failed = _first_failure(procs, lambda: bool(received))
+        failed = _first_failure(procs, lambda: bool(received), watchdog, stalls)
     finally:
         # Also on an unexpected error in the launcher itself: never leave ranks behind.
         polite = received[0] if received else signal.SIGTERM
@@ -224,11 +237,26 @@ def run_local(cmd: list[str], world_size: int, run_dir: Path, env_extra: dict[st
         print(f"chatforge: stopped after saving a checkpoint (exit {EXIT_REQUEUE}); rerun the "
               f"same command to resume", file=sys.stderr)
         return EXIT_REQUEUE
+    if failed == -4:
+        line = f"{stalls[0].message(hang_timeout)}; stopped every rank (exit {EXIT_HANG})"
+        record_failure(run_dir, stalls[0].rank, EXIT_HANG, line)
+        print(f"chatforge: {line}. {_resume_hint(run_dir)}", file=sys.stderr)
+        return EXIT_HANG
     code = _exit_code(procs[failed].returncode)
     path = log_dir / f"rank_{failed}.log"
-    print(f"chatforge: rank {failed} {MEANING.get(code, 'failed')} with exit code {code}; last "
-          f"lines of {path}:\n{log_tail(path)}", file=sys.stderr)
+    line = death_line(failed, code, watchdog.last_beat(failed))
+    record_failure(run_dir, failed, code, line)
+    print(f"chatforge: {line}; last lines of {path}:\n{log_tail(path)}", file=sys.stderr)
     return code
+
+
+def _resume_hint(run_dir: Path) -> str:
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    try:
+        return (f"The last complete checkpoint is {latest.parent / latest.read_text().strip()}; "
+                f"rerun the same command to resume from it.")
+    except OSError:
+        return "No checkpoint was saved yet; rerun the same command to start again."
 
 
 def _install_handlers(received: list[int]) -> Callable[[], None]:

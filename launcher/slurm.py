@@ -116,6 +116,7 @@ def submit(cfg: DictConfig, config_path: Path, after: Sequence[str] = (), step: 
     task = TrainerTask(config_path=str(config_path), run_dir=str(run_dir),
                        threads=int(cfg.cluster.threads_per_proc),
                        max_requeues=int(cfg.cluster.max_requeues),
+                       hang_timeout=float(cfg.train.hang_timeout),
                        python=sys.executable if not cfg.cluster.container_image else "python3")
     (folder / TASK_FILE).write_text(json.dumps(asdict(task)))
     # submitit pickles the callable too; the tasks read task.json (see launcher.slurm_task),

@@ -3,8 +3,11 @@
 cluster=local runs the points one after another; cluster=slurm submits every point as its
 own job (its own run dir and checkpoints) and then waits for all of them. Either way every
 point runs even when one fails, the summary (final metrics per point, the best marked,
-each failure's traceback) is printed and written to <sweep dir>/summary.md and
-summary.json, and the exit status is 1 if any point failed.
+each failure's traceback, or for a rank killed by a signal which signal, with "likely out
+of memory" for SIGKILL and the rank's memory high-water mark from its heartbeat) is printed
+and written to <sweep dir>/summary.md and summary.json, and the exit status is 1 if any
+point failed. Rerunning the same command skips the points whose run dir has done.json
+("already done") and resumes the others from their checkpoints.
 """
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from launcher.failures import failure_line
 from launcher.jobs import FINAL, last_metrics, states
 from launcher.slurm_task import failure_text
+
+ALREADY_DONE = "already done"  # a point skipped on a rerun: its run dir has done.json
 
 
 @dataclass
@@ -47,7 +53,8 @@ def wait_for_jobs(points: list[PointResult], poll_s: float = 1.0) -> None:
             if state in FINAL:
                 p.state, p.code = state, 0 if state == "COMPLETED" else 1
                 if p.code:
-                    p.error = failure_text(p.run_dir)
+                    verdict = failure_line(p.run_dir)  # which rank, which signal, memory
+                    p.error = (verdict + "\n" if verdict else "") + failure_text(p.run_dir)
                 print(f"chatforge: sweep point {p.num} (job {p.job_id}) {state}", flush=True)
                 out.remove(p)
         if out:
@@ -107,7 +114,8 @@ def summary_text(points: list[PointResult]) -> str:
              "| point | overrides | status | step | loss | eval_loss | run dir |",
              "|---|---|---|---|---|---|---|"]
     for p in points:
-        status = "ok" if p.ok else (p.state or f"failed (exit {p.code})")
+        status = ("ok" + (f" ({p.state})" if p.state == ALREADY_DONE else "") if p.ok
+                  else (p.state or f"failed (exit {p.code})"))
         mark = " **best**" if p.num == best else ""
         lines.append(f"| {p.num}{mark} | {own[p.num]} | {status} | "
                      f"{_fmt(p.metrics.get('step'))} | {_fmt(p.metrics.get('loss'))} | "
@@ -137,6 +145,10 @@ def summarize(points: list[PointResult]) -> int:
     (sweep_dir / "summary.json").write_text(json.dumps(records, indent=1))
     print(f"\nchatforge: sweep summary ({sweep_dir / 'summary.md'}):\n{text}", flush=True)
     failed = [p.num for p in points if not p.ok]
+    skipped = [p.num for p in points if p.state == ALREADY_DONE]
+    if skipped:
+        print(f"chatforge: {len(skipped)} of {len(points)} sweep points were already done: "
+              f"{', '.join(map(str, skipped))}", flush=True)
     if failed:
         print(f"chatforge: {len(failed)} of {len(points)} sweep points failed: "
               f"{', '.join(map(str, failed))}", file=sys.stderr)

@@ -24,6 +24,7 @@ from trainer.data.chat_embedded import EVAL_TASKS, PREFERENCES  # torch-free (ra
 from trainer.data.corpus import TASKS  # torch-free
 from trainer.data.readers import detect_format, sniff  # torch-free (json; `datasets` only when read)
 from trainer.data.sources import columns_of, has_text_files, missing_path_problem
+from trainer.faults import parse_crash  # torch-free
 from trainer.stages import NO_TRAINING, RL_STAGES, SAMPLING_STAGES, STAGE_DATA, STAGE_HEAD, STAGES
 
 # The one place that lists the allowed values of every enumerated string field (the
@@ -113,6 +114,7 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("train.log_every", lambda v: v >= 0, "must be >= 0"),
     ("train.exit_interval", lambda v: v >= 0, "must be >= 0 (0 is off)"),
     ("train.max_minutes", lambda v: v >= 0, "must be >= 0 (0: no limit)"),
+    ("train.hang_timeout", lambda v: v == 0 or v >= 1, "must be 0 (off) or >= 1 second"),
     ("optim.min_lr", lambda v: v >= 0, "must be >= 0"),
     ("optim.weight_decay", lambda v: v >= 0, "must be >= 0"),
     ("optim.beta1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -157,7 +159,7 @@ def _check_positive(cfg: DictConfig) -> list[ConfigError]:
         errors.append(ConfigError("optim.lr", lr, "must be > 0"))
     errors += _check_ranges(cfg)
     for key in ("ckpt.every", "optim.warmup_steps", "train.fault.nan_grad_step", "train.fault.nan_grad_rank",
-                "eval.rm_pairs"):
+                "train.fault.crash_rank", "eval.rm_pairs"):
         value = _get(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             errors.append(ConfigError(key, value, "must be an integer >= 0"))
@@ -184,6 +186,10 @@ def _check_ranges(cfg: DictConfig) -> list[ConfigError]:
     if (_get(cfg, "optim.decay") != "constant" and not _bad_keys(errors) & {"optim.lr", "optim.min_lr"}
             and isinstance(lr, (int, float)) and min_lr > lr):
         errors.append(ConfigError("optim.min_lr", min_lr, f"must be <= optim.lr={lr} (the LR decays to it)"))
+    try:
+        parse_crash(str(_get(cfg, "train.fault.crash")))
+    except ValueError as exc:
+        errors.append(ConfigError("train.fault.crash", _get(cfg, "train.fault.crash"), str(exc)))
     families = [f.strip() for f in str(_get(cfg, "data.embedded.families") or "").split(",") if f.strip()]
     unknown = [f for f in families if f not in TASKS]
     if unknown:
@@ -208,9 +214,11 @@ def _check_layout(cfg: DictConfig) -> list[ConfigError]:
             "cluster.nodes", nodes, "must be 1: cluster=local runs every rank on this machine"))
     errors.extend(_check_model_split(cfg.model, tp, pp))
     dp = world // (tp * pp)
-    fault_rank = _get(cfg, "train.fault.nan_grad_rank")
-    if _get(cfg, "train.fault.nan_grad_step") and isinstance(fault_rank, int) and fault_rank >= world:
-        errors.append(ConfigError("train.fault.nan_grad_rank", fault_rank, f"must be a rank < {world_text}"))
+    for rank_key, armed in (("nan_grad_rank", "nan_grad_step"), ("crash_rank", "crash")):
+        fault_rank = _get(cfg, f"train.fault.{rank_key}")
+        if (_get(cfg, f"train.fault.{armed}") not in (0, "", "none") and isinstance(fault_rank, int)
+                and fault_rank >= world):
+            errors.append(ConfigError(f"train.fault.{rank_key}", fault_rank, f"must be a rank < {world_text}"))
     gb, mb = cfg.train.global_batch, cfg.train.micro_batch
     if gb % (mb * dp):
         errors.append(ConfigError(

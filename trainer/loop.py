@@ -8,7 +8,9 @@ from typing import Any
 
 from trainer.checkpointing import Checkpointer
 from trainer.exitcodes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
+from trainer.faults import crash_drill
 from trainer.guard import BadSteps
+from trainer.heartbeat import Heartbeat
 from trainer.lora_checkpoint import require_lora_bases
 from trainer.metrics import MetricsLogger
 from trainer.runtime import RunContext, config_dict, mark_done
@@ -98,6 +100,9 @@ def _train(ctx: RunContext, stage: Stage, checkpointer: Checkpointer, start: int
     stops = StopRequests(float(cfg.train.max_minutes))
     stops.install()
     bad = BadSteps(int(cfg.train.max_bad_steps), cfg.train.fault, ctx.env.rank)
+    # Beats start after the first step, not before: building the model and the first step
+    # may take long, and the watchdog's clock starts at the job's first heartbeat.
+    heart = Heartbeat(ctx.run_dir, ctx.env.rank)
     code, done, why = EXIT_OK, start, ""
     started = time.perf_counter()
     sizes = _parameter_counts(stage)  # reported once: in this line and the first record
@@ -117,11 +122,14 @@ def _train(ctx: RunContext, stage: Stage, checkpointer: Checkpointer, start: int
             seconds = time.perf_counter() - t0
             done = step + 1
             skipped_now = bad.after(done, stage.engines())
+            heart.beat(done)
+            crash_drill(cfg.train.fault, done, ctx.env.rank, heart, ctx.run_dir)
             if skipped_now:
                 logger.message(skipped_now)
             record = _record(done, result, seconds, stage.tokens_per_step, time.perf_counter() - started)
             record["skipped_steps"] = bad.total
             if _should_eval(done, total, int(cfg.train.eval_every)):
+                heart.beat(done, "eval", force=True)  # so a stall names what it was doing
                 record.update(stage.evaluate())
             if (done % max(int(cfg.train.log_every), 1) == 0 or done == total or "eval_loss" in record
                     or skipped_now):
@@ -139,6 +147,7 @@ def _train(ctx: RunContext, stage: Stage, checkpointer: Checkpointer, start: int
                 code = EXIT_REQUEUE if signalled else EXIT_OK
                 break
             if every > 0 and done % every == 0 and done < total and not bad.in_bad_streak:
+                heart.beat(done, "save", force=True)
                 checkpointer.save(done, stage.engines(), stage.state_dict())
         # Clean end, signal or time limit: the last step is saved unless its update was
         # skipped (then the newest checkpoint is that of the last good step).
@@ -151,6 +160,7 @@ def _train(ctx: RunContext, stage: Stage, checkpointer: Checkpointer, start: int
         else:
             logger.message(_stopped_line(done, why, code, saved=not bad.in_bad_streak))
     finally:
+        heart.beat(done, "exit", force=True)  # leaving the loop: no longer watched
         stops.uninstall()
         logger.close()
     return code

@@ -165,6 +165,21 @@ def test_stop_signal_saves_same_step_on_all_ranks_and_resumes(tmp_path: Path, ta
     assert f"done at step {stopped_at + 2}" in (run_dir / "logs" / "rank_0.log").read_text()
 
 
+def test_time_limit_says_stopped_not_done(tmp_path: Path) -> None:
+    """train.max_minutes: the run saves, exits 0 and its last line says it stopped and how to
+    go on, never "done" (which only a run that reached train.steps says)."""
+    run_dir = tmp_path / "run"
+    code = spawn_trainer(run_dir, _config(train={"steps": 50, "max_minutes": 1e-6}))
+    assert code == 0
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(latest.split("_")[1])
+    assert 1 <= stopped_at < 50 and not (run_dir / "done.json").exists()
+    log = (run_dir / "logs" / "rank_0.log").read_text()
+    assert (f"stopped at step {stopped_at} (saved; rerun the command to resume) by "
+            f"train.max_minutes=1e-06") in log, log[-2000:]
+    assert "done at step" not in log
+
+
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A single-process run with checkpoints at steps 4 and 8 (latest = step 8)."""

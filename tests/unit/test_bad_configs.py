@@ -40,6 +40,14 @@ BAD: list[tuple[list[str], str]] = [
     (["train.fault.nan_grad_steps=0"], "train.fault.nan_grad_steps"),
     (["train.fault.nan_grad_step=3", "train.fault.nan_grad_rank=2", "cluster.procs_per_node=2"],
      "train.fault.nan_grad_rank"),
+    # the watchdog and the crash drill
+    (["train.hang_timeout=-1"], "train.hang_timeout"),
+    (["train.hang_timeout=0.5"], "train.hang_timeout"),
+    (["train.hang_timeout=nan"], "train.hang_timeout"),
+    (["train.fault.crash=kill"], "train.fault.crash"),
+    (["train.fault.crash=raise@0"], "train.fault.crash"),
+    (["train.fault.crash=kill@3", "train.fault.crash_rank=2", "cluster.procs_per_node=2"],
+     "train.fault.crash_rank"),
     # enumerations
     (["parallel.precision=fp8"], "parallel.precision"),
     (["parallel.recompute=some"], "parallel.recompute"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.failures import failure_line
 from launcher.jobs import last_metrics
 from launcher.slurm_task import EXIT_REQUEUE, TrainerTask, failure_text, log_tail
 
@@ -57,8 +58,12 @@ def test_task_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert task._finish(1, EXIT_REQUEUE, []) == 0  # rank 0 decides; others leave cleanly
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "rank_1.log").write_text(CHAINED)
-    with pytest.raises(RuntimeError, match="(?s)rank 1 .* exited with code 3.*ValueError"):
+    with pytest.raises(RuntimeError, match="(?s)rank 1 failed with exit code 3 on .*ValueError"):
         task._finish(1, 3, [])
+    # A trainer killed by SIGKILL (the OOM killer): said, and recorded for a sweep's summary.
+    with pytest.raises(RuntimeError, match=r"rank 1 killed by signal 9 \(SIGKILL\): likely out of memory"):
+        task._finish(1, 137, [])
+    assert failure_line(tmp_path).startswith("rank 1 killed by signal 9 (SIGKILL)")
     monkeypatch.setitem(os.environ, "SLURM_JOB_ID", "12")
     # A time limit past cluster.max_requeues: not requeued (no scontrol is called).
     with pytest.raises(RuntimeError, match="cluster.max_requeues=0: not requeued"):
