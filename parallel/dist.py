@@ -5,7 +5,7 @@ import datetime
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -111,3 +111,14 @@ def device() -> torch.device:
 
 def local_env() -> DistEnv:
     return env_from(os.environ)
+
+
+def gather_lists(mine: list[Any]) -> list[Any]:
+    """Every rank's list, concatenated in rank order, on every rank (one all_gather_object)."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return [item for part in gathered for item in part]
+
+
+def rank_and_world() -> tuple[int, int]:
+    return dist.get_rank(), dist.get_world_size()

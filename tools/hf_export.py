@@ -72,7 +72,7 @@ def load_merged_weights(ctx: Any, cfg: Any, step_dir: Path, vocab: int) -> Any:
 def read_state(step_dir: Path) -> tuple[Any, Tensors, Path]:
     """(config, chatforge tensors at TP1/PP1, tokenizer file) of a checkpoint."""
     from trainer import runtime
-    from trainer.checkpointing import tokenizer_of
+    from trainer.data.tokenizer import tokenizer_of
 
     cfg = export_config(step_dir)
     tok_path = tokenizer_of(step_dir)
@@ -134,7 +134,7 @@ def write_tokenizer(out_dir: Path, tok_path: Path, tok: Tokenizer, seq_length: i
 
 def export_hf(source: Path, out_dir: Path, dtype: str = "float32") -> Path:
     """Checkpoint SRC -> Hugging Face directory OUT_DIR (module docstring); returns OUT_DIR."""
-    from trainer.checkpointing import resolve_load_path
+    from trainer.checkpoint_files import resolve_load_path
 
     step_dir = resolve_load_path(source)
     cfg, state, tok_path = read_state(step_dir)

@@ -65,7 +65,9 @@ class ChatSession:
 
 def run(args: dict[str, str], stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     from trainer import runtime
-    from trainer.checkpointing import load_weights, resolve_load_path, tokenizer_of
+    from trainer.checkpoint_files import resolve_load_path
+    from trainer.checkpointing import load_weights
+    from trainer.data.tokenizer import tokenizer_of
     from trainer.data.chat import Message
     from trainer.data.readers import read_chatml
     from trainer.data.tokenizer import Tokenizer

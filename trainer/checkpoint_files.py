@@ -11,9 +11,7 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Any
 
-import torch.distributed as dist
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 MANIFEST = "manifest.json"
@@ -106,9 +104,18 @@ def verify(directory: Path, rank: int = 0, world: int = 1) -> list[str]:
     return problems
 
 
-def gather_problems(directory: Path) -> list[str]:
-    world, rank = dist.get_world_size(), dist.get_rank()
-    mine = verify(directory, rank, world)
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, mine)
-    return [p for part in gathered for p in part]
+def resolve_load_path(path: Path) -> Path:
+    """`ckpt.load` may name a run dir, its checkpoints/ dir, or one step_NNNNNN dir."""
+    path = path.expanduser().resolve()
+    if not path.exists():
+        raise CheckpointError(f"ckpt.load={path}: does not exist (refusing to start from random weights)")
+    for root in (path / "checkpoints", path):
+        pointer = root / "latest"
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            if not STEP_DIR.match(name) or not (root / name).is_dir():
+                raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory")
+            return root / name
+    if STEP_DIR.match(path.name):
+        return path
+    raise CheckpointError(f"ckpt.load={path}: no checkpoint found (no latest file, not a step_NNNNNN dir)")

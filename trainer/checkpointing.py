@@ -34,9 +34,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from parallel.dist import gather_lists, rank_and_world
 from trainer.checkpoint_files import (MANIFEST, STEP_DIR, CheckpointError, atomic_write_text, describe,
-                                     files_of_rank, fsync_dir, gather_problems, step_dir_name)
-from trainer.data.tokenizer import TOKENIZER_FILES, copy_tokenizer, find_tokenizer
+                                     files_of_rank, fsync_dir, resolve_load_path, step_dir_name, verify)
+from trainer.data.tokenizer import copy_tokenizer
 from trainer.lora_checkpoint import LORA_FILE, load_checkpoint, lora_records_of
 from trainer.runtime import RunContext
 
@@ -153,14 +154,14 @@ class Checkpointer:
     def choose(self, directory: Path) -> Path:
         """`directory` if it verifies; else (with ckpt.fallback) the newest older complete
         checkpoint that does; else an error naming the bad files."""
-        problems = gather_problems(directory)
+        problems = gather_lists(verify(directory, *rank_and_world()))
         if not problems:
             return directory
         if self.cfg.fallback:
             step = int(STEP_DIR.match(directory.name).group(1))  # type: ignore[union-attr]
             for older in reversed([s for s in self.complete_steps() if s < step]):
                 candidate = self.root / step_dir_name(older)
-                if not gather_problems(candidate):
+                if not gather_lists(verify(candidate, *rank_and_world())):
                     if self.ctx.is_main:
                         print(f"[chatforge] checkpoint {directory} is damaged ({problems[0]}); "
                               f"falling back to {candidate} (ckpt.fallback=true)", flush=True)
@@ -346,15 +347,6 @@ def model_mismatch(source: dict[str, Any], model: Any) -> list[str]:
             for key in keys if source.get(key) != model[key]]
 
 
-def tokenizer_of(step_dir: Path) -> Path:
-    """The tokenizer a checkpoint was trained with: its own copy, else its run's
-    (tokenizer.model or, for a Hugging Face tokenizer, tokenizer.json)."""
-    for directory in (step_dir, step_dir.parents[1] / "tokenizer"):
-        found = find_tokenizer(directory)
-        if found is not None:
-            return found
-    raise CheckpointError(f"{step_dir}: no {' or '.join(TOKENIZER_FILES)} in it or in its run's "
-                          "tokenizer/ directory")
 
 
 def retained(steps: list[int], newest: int, keep_last: int, keep_every: int) -> set[int]:
@@ -373,21 +365,6 @@ def _step_of(directory: Path) -> int:
     return int(match.group(1))
 
 
-def resolve_load_path(path: Path) -> Path:
-    """`ckpt.load` may name a run dir, its checkpoints/ dir, or one step_NNNNNN dir."""
-    path = path.expanduser().resolve()
-    if not path.exists():
-        raise CheckpointError(f"ckpt.load={path}: does not exist (refusing to start from random weights)")
-    for root in (path / "checkpoints", path):
-        pointer = root / "latest"
-        if pointer.is_file():
-            name = pointer.read_text().strip()
-            if not STEP_DIR.match(name) or not (root / name).is_dir():
-                raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory")
-            return root / name
-    if STEP_DIR.match(path.name):
-        return path
-    raise CheckpointError(f"ckpt.load={path}: no checkpoint found (no latest file, not a step_NNNNNN dir)")
 
 
 def load_weights(path: str | Path, engines: dict[str, Any], model: Any, sources: Optional[dict[str, str]] = None,
@@ -398,7 +375,7 @@ def load_weights(path: str | Path, engines: dict[str, Any], model: Any, sources:
     key prefixes left at their initial values (a scalar head on an LM checkpoint). Returns
     its step directory."""
     directory = resolve_load_path(Path(path))
-    problems = gather_problems(directory)
+    problems = gather_lists(verify(directory, *rank_and_world()))
     if problems:
         raise CheckpointError("damaged checkpoint: " + "; ".join(problems[:5]))
     mismatch = model_mismatch(source_model(directory), model)

@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from trainer.checkpoint_files import CheckpointError, gather_problems
+from parallel.dist import gather_lists, rank_and_world
+from trainer.checkpoint_files import CheckpointError, verify
 
 LORA_FILE = "lora.json"
 
@@ -79,7 +80,7 @@ def load_checkpoint(engines: dict[str, Any], directory: Path, with_optimizer: bo
             continue
         record = records[source]
         base_dir = Path(record["base"]["dir"])
-        problems = gather_problems(base_dir) if base_dir.is_dir() else [f"{base_dir}: does not exist"]
+        problems = gather_lists(verify(base_dir, *rank_and_world())) if base_dir.is_dir() else [f"{base_dir}: does not exist"]
         if problems:
             raise CheckpointError(f"{directory / LORA_FILE}: the base of {source!r} cannot be loaded: {problems[0]}")
         if with_optimizer and not _same_adapters(engine, record["lora"]):

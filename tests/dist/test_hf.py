@@ -136,7 +136,9 @@ def worker(spec_path: str) -> None:
     from parallel.engine import Engine
     from trainer import runtime
     from trainer.batches import lm_inputs
-    from trainer.checkpointing import load_weights, resolve_load_path, tokenizer_of
+    from trainer.checkpoint_files import resolve_load_path
+    from trainer.checkpointing import load_weights
+    from trainer.data.tokenizer import tokenizer_of
     from trainer.data.tokenizer import Tokenizer
 
     ctx = None

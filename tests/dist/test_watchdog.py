@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, read_metrics, run_trainer, write_config
-from trainer.checkpointing import verify
+from trainer.checkpoint_files import verify
 from trainer.exitcodes import EXIT_HANG
 from trainer.heartbeat import heartbeat_path, read_beat
 

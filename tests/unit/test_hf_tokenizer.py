@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from trainer.data.tokenizer_training import train_tokenizer
-from trainer.checkpointing import tokenizer_of
+from trainer.data.tokenizer import tokenizer_of
 from trainer.data.corpus import generate_corpus
 from trainer.data.tokenizer import (IM_END, IM_START, HFTokenizer, SentencePieceTokenizer, Tokenizer,
                                     add_chat_pieces, canonical_name, find_tokenizer)

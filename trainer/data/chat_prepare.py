@@ -33,13 +33,10 @@ from trainer.data.packing import ChatSample, build_packed, build_padded, fit_sam
 from trainer.data.readers import (PreferencePair, PromptItem, detect_format, read_conversations, read_pairs,
                                   read_prompts)
 from trainer.data.sources import columns_of as columns
+from trainer.data.formats import CONVERSATION_FORMATS, PAIR_FORMATS
 from trainer.data.tokenizer import Tokenizer, copy_tokenizer, find_tokenizer
-from trainer.stages import STAGE_DATA
 
 Arrays = dict[str, np.ndarray]
-# What the stages read: one table, shared with the launcher's checks.
-PAIR_FORMATS: tuple[str, ...] = STAGE_DATA["rm"]
-CONVERSATION_FORMATS: tuple[str, ...] = STAGE_DATA["sft"]
 
 
 # ---- sources -------------------------------------------------------------------------------
@@ -155,7 +152,8 @@ def resolve_tokenizer(cfg: Any, run_dir: Path, texts: Callable[[], list[str]]) -
             raise FileNotFoundError(f"tokenizer.path: file not found: {source}")
         return copy_tokenizer(source, own.parent)
     if cfg.ckpt.load:
-        from trainer.checkpointing import resolve_load_path, tokenizer_of
+        from trainer.checkpoint_files import resolve_load_path
+        from trainer.data.tokenizer import tokenizer_of
 
         source = tokenizer_of(resolve_load_path(Path(str(cfg.ckpt.load))))
         return copy_tokenizer(source, own.parent)  # with its chat template, if it has one

@@ -27,6 +27,8 @@ from typing import Any, Optional, Sequence
 
 import sentencepiece as spm
 
+from trainer.checkpoint_files import CheckpointError  # torch-free (the launcher reads tokenizers)
+
 PAD_PIECE = "<|pad|>"
 UNK_PIECE = "<unk>"
 EOD_PIECE = "<|endoftext|>"
@@ -320,3 +322,13 @@ def _with_spm_pieces(proto_bytes: bytes, missing: list[str]) -> bytes:
         piece.piece, piece.score = name, 0.0
         piece.type = model_pb2.ModelProto.SentencePiece.USER_DEFINED
     return bytes(proto.SerializeToString())
+
+def tokenizer_of(step_dir: Path) -> Path:
+    """The tokenizer a checkpoint was trained with: its own copy, else its run's
+    (tokenizer.model or, for a Hugging Face tokenizer, tokenizer.json)."""
+    for directory in (step_dir, step_dir.parents[1] / "tokenizer"):
+        found = find_tokenizer(directory)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{step_dir}: no {' or '.join(TOKENIZER_FILES)} in it or in its run's "
+                          "tokenizer/ directory")

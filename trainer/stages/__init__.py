@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from trainer.data.formats import CONVERSATION_FORMATS, PAIR_FORMATS, PROMPT_FORMATS, TEXT_FORMATS
+
 STAGES: dict[str, str] = {
     "tokenizer": "trainer.stages.tokenizer:TokenizerJob",
     "pretrain": "trainer.stages.pretrain:PretrainStage",
@@ -26,27 +28,21 @@ STAGES: dict[str, str] = {
 }
 
 # The data formats each stage reads (data.format); the launcher checks them before a run.
-# "auto": the shape of the first record (trainer/data/readers.detect_format), which must be
-# one the stage reads (the launcher checks).
-_CHATS = ("embedded", "chatml", "alpaca", "hh_rlhf", "preference", "auto")
-_PAIRS = ("embedded", "hh_rlhf", "preference", "auto")
-# RL prompts: any prompt source, and "prompts" files whose extra fields reach the rewards.
-_PROMPTS = _CHATS + ("prompts",)
 STAGE_DATA: dict[str, tuple[str, ...]] = {
-    "tokenizer": ("embedded", "text"),
-    "pretrain": ("embedded", "text"),
-    "sft": _CHATS,
-    "rm": _PAIRS,
-    "dpo": _PAIRS,
-    "rejection_sampling": _CHATS,
-    "ppo": _PROMPTS,
-    "a2c": _PROMPTS,
-    "grpo": _PROMPTS,
-    "dr_grpo": _PROMPTS,
-    "rloo": _PROMPTS,
-    "reinforce_pp": _PROMPTS,
-    "best_of_n": _CHATS + ("prompts",),
-    "eval": _CHATS,
+    "tokenizer": TEXT_FORMATS,
+    "pretrain": TEXT_FORMATS,
+    "sft": CONVERSATION_FORMATS,
+    "rm": PAIR_FORMATS,
+    "dpo": PAIR_FORMATS,
+    "rejection_sampling": CONVERSATION_FORMATS,
+    "ppo": PROMPT_FORMATS,
+    "a2c": PROMPT_FORMATS,
+    "grpo": PROMPT_FORMATS,
+    "dr_grpo": PROMPT_FORMATS,
+    "rloo": PROMPT_FORMATS,
+    "reinforce_pp": PROMPT_FORMATS,
+    "best_of_n": PROMPT_FORMATS,
+    "eval": CONVERSATION_FORMATS,
 }
 # The model head each stage trains or runs.
 STAGE_HEAD: dict[str, str] = {"rm": "scalar"}

@@ -48,15 +48,15 @@ from chatforge_config.parallel import ModelConfig
 from chatforge_config.trainer import SamplingConfig
 from parallel.engine import Engine
 from trainer.batches import join_outputs, pair_collate, split_rows
-from trainer.checkpoint_files import CheckpointError
-from trainer.checkpointing import resolve_load_path, source_model, tokenizer_of
+from trainer.checkpoint_files import CheckpointError, resolve_load_path
+from trainer.checkpointing import source_model
 from trainer.data.chat import Message, prompt_ids, response_ids
 from trainer.data.chat_embedded import task_family
 from trainer.data.chat_prepare import (embedded_training_prompts, gold_of, heldout_pairs, longest_row, pair_arrays,
                                        prepare_prompts, prompt_key, response_rows)
 from trainer.data.corpus import is_correct
 from trainer.data.indexed import atomic_write
-from trainer.data.tokenizer import Tokenizer
+from trainer.data.tokenizer import Tokenizer, tokenizer_of
 from trainer.eval_stats import compare, pass_at_k, summarize
 from trainer.generation import sampling_config
 from trainer.losses import outputs_only

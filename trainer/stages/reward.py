@@ -10,11 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 from chatforge_config.parallel import ModelConfig
 from parallel.engine import Engine
 from trainer.batches import causal_mask, join_outputs, pair_collate, split_rows
-from trainer.checkpoint_files import CheckpointError
-from trainer.checkpointing import load_weights, resolve_load_path, source_model, tokenizer_of
+from trainer.checkpoint_files import CheckpointError, resolve_load_path
+from trainer.checkpointing import load_weights, source_model
 from trainer.data.chat_prepare import longest_row, prepare_chat_data, response_rows
 from trainer.data.gpt_dataset import ArrayDataset, SampleLoader
-from trainer.data.tokenizer import Tokenizer
+from trainer.data.tokenizer import Tokenizer, tokenizer_of
 from trainer.losses import outputs_only, pairwise_reward_loss, read_reward
 from trainer.runtime import RunContext
 from trainer.stages.base import SupervisedStage
