@@ -7,7 +7,7 @@ differing only in the training seed (`seed=N`) of the steps after SFT, with the 
 own seed fixed (`'recipe.steps.eval.extra=["seed=1234"]'`), so every run evaluates the same
 prompts with the same sampling stream and the baseline (SFT) is one and the same model.
 
-Per method: the difference to the baseline in each run, its mean over runs, the standard
+Per method whose result differs between runs (not the shared pretrained model): the difference to the baseline in each run, its mean over runs, the standard
 deviation between runs, and a 95% interval for the mean from Student's t with (runs - 1)
 degrees of freedom: with 3 runs t = 4.30, so only an effect several times the seed spread
 is called significant. Per task family, the mean difference. Writes <out>/seed_spread.md,
@@ -60,6 +60,9 @@ def spread(evals: list[dict[str, Any]], key: str = "accuracy") -> dict[str, Any]
         raise SystemExit(f"seed_spread: the runs have different baselines {sorted(base)}")
     baseline = base.pop()
     methods = [m for m in evals[0]["models"] if m != baseline and all(m in e["models"] for e in evals)]
+    # A model every run shares (the pretrained one: the seed only reaches the steps after SFT)
+    # has no spread to measure; its zero-width interval would read as "significant".
+    methods = [m for m in methods if len({e["models"][m][key] for e in evals}) > 1]
     families = sorted(set.intersection(*(set(e["by_family"].get(baseline, {})) for e in evals)))
     out: dict[str, Any] = {"baseline": baseline, "key": key, "runs": len(evals),
                            "baseline_value": [e["models"][baseline][key] for e in evals], "methods": {}}

@@ -11,10 +11,11 @@ from tools import seed_spread
 
 
 def _eval(run: Path, sft: float, ppo: float, fam: dict[str, tuple[float, float]]) -> None:
+    """One run's eval.json; "pretrain" is the same in every run (the seed never reached it)."""
     (run / "eval").mkdir(parents=True)
     by_family = {m: {f: {"accuracy": v[i]} for f, v in fam.items()} for i, m in enumerate(("sft", "ppo"))}
     (run / "eval" / "eval.json").write_text(json.dumps({
-        "baseline": "sft", "models": {"sft": {"accuracy": sft}, "ppo": {"accuracy": ppo}},
+        "baseline": "sft", "models": {"sft": {"accuracy": sft}, "ppo": {"accuracy": ppo}, "pretrain": {"accuracy": 0.0}},
         "by_family": by_family}))
 
 
@@ -45,6 +46,7 @@ def test_a_spread_that_straddles_zero_is_not_significant(tmp_path: Path) -> None
         runs.append(tmp_path / f"s{i}")
     result = seed_spread.spread([seed_spread.load(r) for r in runs])
     assert not result["methods"]["ppo"]["diff"]["significant"]
+    assert list(result["methods"]) == ["ppo"]
     assert "not significant" in seed_spread.markdown(result)
 
 
