@@ -7,8 +7,9 @@ differing only in the training seed (`seed=N`) of the steps after SFT, with the 
 own seed fixed (`'recipe.steps.eval.extra=["seed=1234"]'`), so every run evaluates the same
 prompts with the same sampling stream and the baseline (SFT) is one and the same model.
 
-Per method whose result differs between runs (not the shared pretrained model): the difference to the baseline in each run, its mean over runs, the standard
-deviation between runs, and a 95% interval for the mean from Student's t with (runs - 1)
+Per method whose result differs between runs (not the shared pretrained model): the
+difference to the baseline in each run, its mean over runs, the standard deviation between
+runs, and a 95% interval for the mean from Student's t with (runs - 1)
 degrees of freedom: with 3 runs t = 4.30, so only an effect several times the seed spread
 is called significant. Per task family, the mean difference. Writes <out>/seed_spread.md,
 seed_spread.json and seed_spread.png (each run's difference per method, the mean marked).
