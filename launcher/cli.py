@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.failures import failure_line
+from launcher.failures import failure_report
 from launcher.local import run_local
 from launcher.recipe import is_done
 from launcher.resolved import write_resolved_config
@@ -210,12 +210,7 @@ def _sweep_point(cfg: DictConfig, config_path: Path, results: list[PointResult])
         if point.code in (130, 143):  # Ctrl-C / SIGTERM to the launcher stops the whole sweep
             sys.exit(point.code)
         if point.code:
-            from launcher.slurm_task import failure_text
-
-            # The launcher's verdict (which rank, killed by which signal, its memory peak),
-            # then the traceback if a rank left one.
-            verdict = failure_line(point.run_dir)
-            point.error = (verdict + "\n" if verdict else "") + failure_text(point.run_dir)
+            point.error = failure_report(point.run_dir)
     results.append(point)
 
 

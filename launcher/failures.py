@@ -51,3 +51,48 @@ def failure_line(run_dir: Path) -> str:
         return str(json.loads(_path(run_dir).read_text())["message"])
     except (OSError, ValueError, KeyError):
         return ""
+
+
+# Lines of a failed rank's log shown (a traceback may use up to 3x as many).
+TAIL_LINES = 40
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    """The traceback of a failed rank if its log has one, else its last lines."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no log at {path})"
+    # torch prefixes a rank's lines ("[rank0]: Traceback ..."), so look inside lines.
+    starts = [i for i, line in enumerate(text) if "Traceback (most recent call" in line]
+    if starts:
+        first = starts[-1]
+        # Walk back over chained exceptions ("The above exception was the direct cause ...").
+        for prev in reversed(starts[:-1]):
+            if not any("direct cause" in line or "During handling" in line
+                       for line in text[max(prev, first - 3):first]):
+                break
+            first = prev
+        report = text[first:]
+        if len(report) > 3 * lines:  # keep where it started and how it ended
+            report = report[:10] + ["..."] + report[-(3 * lines - 10):]
+        return "\n".join(report)
+    return "\n".join(text[-lines:])
+
+
+def failure_text(run_dir: Path) -> str:
+    """The traceback of the first rank whose log has one (else rank 0's tail)."""
+    logs = sorted((run_dir / "logs").glob("rank_*.log"),
+                  key=lambda p: int(p.stem.split("_")[1]))
+    for path in logs:
+        tail = log_tail(path)
+        if "Traceback (most recent call" in tail:
+            return f"{path}:\n{tail}"
+    return f"{logs[0]}:\n{log_tail(logs[0])}" if logs else f"(no rank logs in {run_dir}/logs)"
+
+
+def failure_report(run_dir: Path) -> str:
+    """What a failed run says: the launcher's verdict (which rank, killed by which signal, its
+    memory peak), then the traceback if a rank left one (else rank 0's last lines)."""
+    verdict = failure_line(run_dir)
+    return (verdict + "\n" if verdict else "") + failure_text(run_dir)

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 from typing import IO, Callable, Optional
 
-from launcher.failures import clear_failure, death_line, record_failure
+from launcher.failures import clear_failure, death_line, log_tail, record_failure
 from launcher.watchdog import Stall, Watchdog, process_state
 from trainer.exitcodes import EXIT_HANG, EXIT_REQUEUE  # torch-free
 
 GRACE_S = 5.0  # between the polite signal and SIGKILL
-TAIL_LINES = 30  # of the failing rank's log, printed on failure
 POLL_S = 0.05
 
 
@@ -123,18 +122,6 @@ def _stop(procs: list[subprocess.Popen], sig: int, grace_s: float,
         # The whole group: a rank that exited may still have orphaned workers in it.
         _signal_rank(proc, signal.SIGKILL)
         proc.wait()
-
-
-def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
-    """The last `lines` lines of a log file, read from its end."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode(errors="replace")
-    except OSError as exc:
-        return f"(cannot read {path}: {exc})"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _start_ranks(cmd: list[str], world_size: int, log_dir: Path, env_extra: dict[str, str],

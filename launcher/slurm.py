@@ -20,7 +20,8 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig
 
 from launcher.jobs import FINAL, states
-from launcher.slurm_task import TASK_FILE, TrainerTask, failure_text
+from launcher.failures import failure_text
+from launcher.slurm_task import TASK_FILE, TrainerTask
 
 
 

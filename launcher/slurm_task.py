@@ -38,53 +38,18 @@ from pathlib import Path
 from typing import IO
 
 # EX_TEMPFAIL: the trainer saved a checkpoint after a stop signal; run it again. Torch-free.
-from launcher.failures import clear_failure, death_line, record_failure
+from launcher.failures import clear_failure, death_line, log_tail, record_failure
 from launcher.watchdog import Stall, Watchdog, descendants, process_state
 from trainer.exitcodes import EXIT_HANG, EXIT_REQUEUE
 from trainer.heartbeat import heartbeat_path, read_beat
 
 TIMEOUT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-TAIL_LINES = 40
 GRACE_S = 5.0  # a hung job's trainer: SIGTERM, then SIGKILL after this
 # A task whose own trainer is not the stopped one waits this long before it reports the stall,
 # so that the task that can see the culprit's process state names it.
 DEFER_S = 3.0
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 POLL_S = 0.5
-
-
-def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
-    """The traceback of a failed rank if its log has one, else its last lines."""
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"(no log at {path})"
-    # torch prefixes a rank's lines ("[rank0]: Traceback ..."), so look inside lines.
-    starts = [i for i, line in enumerate(text) if "Traceback (most recent call" in line]
-    if starts:
-        first = starts[-1]
-        # Walk back over chained exceptions ("The above exception was the direct cause ...").
-        for prev in reversed(starts[:-1]):
-            if not any("direct cause" in line or "During handling" in line
-                       for line in text[max(prev, first - 3):first]):
-                break
-            first = prev
-        report = text[first:]
-        if len(report) > 3 * lines:  # keep where it started and how it ended
-            report = report[:10] + ["..."] + report[-(3 * lines - 10):]
-        return "\n".join(report)
-    return "\n".join(text[-lines:])
-
-
-def failure_text(run_dir: Path) -> str:
-    """The traceback of the first rank whose log has one (else rank 0's tail)."""
-    logs = sorted((run_dir / "logs").glob("rank_*.log"),
-                  key=lambda p: int(p.stem.split("_")[1]))
-    for path in logs:
-        tail = log_tail(path)
-        if "Traceback (most recent call" in tail:
-            return f"{path}:\n{tail}"
-    return f"{logs[0]}:\n{log_tail(logs[0])}" if logs else f"(no rank logs in {run_dir}/logs)"
 
 
 def job_state(job: str) -> str:

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from launcher.failures import failure_line
+from launcher.failures import failure_report
 from launcher.jobs import FINAL, last_metrics, states
-from launcher.slurm_task import failure_text
 
 ALREADY_DONE = "already done"  # a point skipped on a rerun: its run dir has done.json
 
@@ -53,8 +52,7 @@ def wait_for_jobs(points: list[PointResult], poll_s: float = 1.0) -> None:
             if state in FINAL:
                 p.state, p.code = state, 0 if state == "COMPLETED" else 1
                 if p.code:
-                    verdict = failure_line(p.run_dir)  # which rank, which signal, memory
-                    p.error = (verdict + "\n" if verdict else "") + failure_text(p.run_dir)
+                    p.error = failure_report(p.run_dir)  # which rank, which signal, memory; traceback
                 print(f"chatforge: sweep point {p.num} (job {p.job_id}) {state}", flush=True)
                 out.remove(p)
         if out:

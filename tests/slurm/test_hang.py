@@ -10,7 +10,8 @@ import signal
 import time
 from pathlib import Path
 
-from launcher.slurm_task import failure_text, requeue_records
+from launcher.failures import failure_text
+from launcher.slurm_task import requeue_records
 from tests.slurm.conftest import chatforge, losses, wait_until
 from tests.slurm.lease import pid_alive
 from tests.slurm.test_preemption import _final_state, _job_id

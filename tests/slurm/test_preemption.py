@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 from launcher.jobs import FINAL, states
-from launcher.slurm_task import failure_text, requeue_records
+from launcher.failures import failure_text
+from launcher.slurm_task import requeue_records
 from tests.slurm.conftest import chatforge, losses, wait_until
 
 RUN = ["model=tiny", "logger=none", "train.steps=150", "train.eval_every=0",

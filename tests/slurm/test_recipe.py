@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from launcher.jobs import FINAL, states
-from launcher.slurm_task import failure_text
+from launcher.failures import failure_text
 from tests.slurm.conftest import chatforge, losses, wait_until
 
 RECIPE = ["recipe=smoke", "recipe.only=[tokenizer,pretrain,sft,dpo]", "cluster=slurm", "cluster.wait=false",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.failures import failure_line
 from launcher.jobs import last_metrics
-from launcher.slurm_task import EXIT_REQUEUE, TrainerTask, failure_text, log_tail
+from launcher.failures import failure_line, failure_text, log_tail
+from launcher.slurm_task import EXIT_REQUEUE, TrainerTask
 
 CHAINED = """== chatforge: job 7 restart 0 rank 0 on n1
 step 1/10 | loss 6.0
