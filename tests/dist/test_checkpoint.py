@@ -37,21 +37,28 @@ def _config(**sections: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-@pytest.mark.parametrize("world, tp, pp", [(2, 1, 1), (4, 2, 2)], ids=["tp1_dp2", "tp2pp2"])
-def test_exact_resume_is_bitwise(tmp_path: Path, world: int, tp: int, pp: int) -> None:
-    """N steps straight versus N/2, stop, rerun the same command, N/2: identical bits."""
-    layout = {"distributed_optimizer": True, "tp": tp, "pp": pp}
-    straight = run_trainer(tmp_path / "straight", _config(parallel=layout), world_size=world)
+def _halves_and_straight(root: Path, layout: dict[str, Any], world: int) -> dict[str, Any]:
+    """N steps straight, and N/2, stop, rerun the same command, N/2 (its checkpoint of
+    step N/2 is what the reshard tests load)."""
+    straight = run_trainer(root / "straight", _config(parallel=layout), world_size=world)
     halves = _config(parallel=layout, train={"exit_interval": 5})
-    first = run_trainer(tmp_path / "halves", halves, world_size=world)
-    assert [r["step"] for r in first] == [1, 2, 3, 4, 5]
-    resumed = run_trainer(tmp_path / "halves", halves, world_size=world)
+    first = run_trainer(root / "halves", halves, world_size=world)
+    resumed = run_trainer(root / "halves", halves, world_size=world)
+    checkpoint = root / "halves" / "checkpoints" / "step_000005"
+    assert (checkpoint / "manifest.json").is_file()
+    return {"root": root, "straight": straight, "first": first, "resumed": resumed, "checkpoint": checkpoint}
+
+
+def _assert_bitwise(run: dict[str, Any]) -> None:
+    """The resumed run has exactly the straight run's bits."""
+    straight, resumed = run["straight"], run["resumed"]
+    assert [r["step"] for r in run["first"]] == [1, 2, 3, 4, 5]
     assert [r["step"] for r in resumed] == list(range(1, 11))
     for a, b in zip(straight, resumed):
         assert (a["step"], a["loss"], a["grad_norm"], a["lr"]) == (b["step"], b["loss"], b["grad_norm"], b["lr"])
         # The same samples in the same order: the data position continues exactly.
         assert a["consumed_samples"] == b["consumed_samples"] == 8 * a["step"]
-    log = (tmp_path / "halves" / "logs" / "rank_0.log").read_text()
+    log = (run["root"] / "halves" / "logs" / "rank_0.log").read_text()
     assert "continuing at step 5" in log
     first_attempt = log[:log.index("continuing at step 5")]
     assert "stopped at step 5 (saved; rerun the command to resume) by train.exit_interval=5" in first_attempt
@@ -60,17 +67,14 @@ def test_exact_resume_is_bitwise(tmp_path: Path, world: int, tp: int, pp: int) -
 
 @pytest.fixture(scope="module")
 def tp2pp2_source(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A TP2xPP2 run stopped at step 5 (the checkpoint to reshard) and the same run carried
-    on to step 25 at its own layout (what every other layout must reproduce)."""
-    root = tmp_path_factory.mktemp("reshard")
-    cfg = _config(parallel={"tp": 2, "pp": 2}, train={"steps": 25, "exit_interval": 5})
-    run_trainer(root / "src", cfg, world_size=4)
-    checkpoint = root / "src" / "checkpoints" / "step_000005"
-    assert (checkpoint / "manifest.json").is_file()
-    cont = _config(parallel={"tp": 2, "pp": 2}, train={"steps": 25},
-                   ckpt={"load": str(checkpoint), "load_state": "full"})
-    reference = run_trainer(root / "cont", cont, world_size=4)
-    return {"root": root, "checkpoint": checkpoint, "reference": reference}
+    """TP2xPP2: 10 steps straight, and 5, stop, resume, 5 more (the reshard tests load its
+    step-5 checkpoint and must reproduce steps 6-10)."""
+    return _halves_and_straight(tmp_path_factory.mktemp("reshard"), {"tp": 2, "pp": 2}, 4)
+
+
+def test_exact_resume_is_bitwise_tp2pp2(tp2pp2_source: dict[str, Any]) -> None:
+    """N steps straight versus N/2, stop, rerun the same command, N/2: identical bits."""
+    _assert_bitwise(tp2pp2_source)
 
 
 def _logits(run_dir: Path, checkpoint: Path, parallel: dict[str, Any], world: int) -> torch.Tensor:
@@ -94,26 +98,26 @@ def test_reshard_tp2pp2_checkpoint(tp2pp2_source: dict[str, Any], tp: int, pp: i
     here = _logits(root / f"logits_{name}", checkpoint, {"tp": tp, "pp": pp}, world)
     assert here.shape == original.shape
     torch.testing.assert_close(here, original, rtol=0, atol=1e-5)
-    # Model and optimizer state at the new layout: 20 more steps track the original layout.
-    cfg = _config(parallel={"tp": tp, "pp": pp}, train={"steps": 25},
-                  ckpt={"load": str(checkpoint), "load_state": "full"})
+    # Model and optimizer state at the new layout: the next steps track the original layout
+    # (a wrong Adam moment or LR schedule shows from step 6 on).
+    cfg = _config(parallel={"tp": tp, "pp": pp}, ckpt={"load": str(checkpoint), "load_state": "full"})
     records = run_trainer(root / f"cont_{name}", cfg, world_size=world)
-    reference = tp2pp2_source["reference"]
-    assert [r["step"] for r in records] == list(range(6, 26))
+    reference = [r for r in tp2pp2_source["resumed"] if r["step"] > 5]
+    assert [r["step"] for r in records] == list(range(6, 11))
     for ours, ref in zip(records, reference):
         assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-4), (name, ours["step"])
 
 
-def test_reshard_dp2_to_dp1(tmp_path: Path) -> None:
-    cfg = _config(train={"steps": 12, "exit_interval": 4})
-    run_trainer(tmp_path / "dp2", cfg, world_size=2)
-    checkpoint = tmp_path / "dp2" / "checkpoints" / "step_000004"
-    reference = run_trainer(tmp_path / "dp2", cfg, world_size=2)  # resumes at DP2 ...
-    reference = [r for r in reference if r["step"] > 4]
-    load = {"load": str(checkpoint), "load_state": "full"}
-    records = run_trainer(tmp_path / "dp1", _config(train={"steps": 12}, ckpt=load), world_size=1)
-    assert [r["step"] for r in records] == list(range(5, 13))
-    for ours, ref in zip(records, reference):  # ... and DP1 continues the same way
+def test_exact_resume_dp2_is_bitwise_and_reshards_to_dp1(tmp_path: Path) -> None:
+    """DP2 with the distributed optimizer: the resumed run has the straight run's bits, and
+    its step-5 checkpoint loaded by one process continues the same way."""
+    run = _halves_and_straight(tmp_path, {"distributed_optimizer": True}, 2)
+    _assert_bitwise(run)
+    reference = [r for r in run["resumed"] if r["step"] > 5]
+    load = {"load": str(run["checkpoint"]), "load_state": "full"}
+    records = run_trainer(tmp_path / "dp1", _config(ckpt=load), world_size=1)
+    assert [r["step"] for r in records] == list(range(6, 11))
+    for ours, ref in zip(records, reference):
         assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-4), ours["step"]
         assert ours["consumed_samples"] == ref["consumed_samples"]
 

@@ -33,9 +33,10 @@ LLAMA: dict[str, Any] = {"model": {
     "add_bias": False, "tie_embeddings": False, "num_query_groups": 2}}
 
 # name -> (model family, processes, overrides)
+# TP2 alone is the TP path of recompute_selective_tp2 below, PP2 alone (4 microbatches of 2
+# per step) the PP path of tp2pp2; both alone also train from a TP2xPP2 checkpoint to its
+# losses in test_checkpoint.py (reshard to tp2pp1 and tp1pp2), so they have no run here.
 LAYOUTS = {
-    "tp2": ("gpt", 2, {"parallel": {"tp": 2}}),
-    "pp2": ("gpt", 2, {"parallel": {"pp": 2}}),  # 4 microbatches of 2 per step
     "dp2": ("gpt", 2, {}),
     "tp2pp2": ("gpt", 4, {"parallel": {"tp": 2, "pp": 2}}),
     "dp2_distopt": ("gpt", 2, {"parallel": {"distributed_optimizer": True}}),
