@@ -108,10 +108,16 @@ def test_reshard_tp2pp2_checkpoint(tp2pp2_source: dict[str, Any], tp: int, pp: i
         assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-4), (name, ours["step"])
 
 
-def test_exact_resume_dp2_is_bitwise_and_reshards_to_dp1(tmp_path: Path) -> None:
-    """DP2 with the distributed optimizer: the resumed run has the straight run's bits, and
-    its step-5 checkpoint loaded by one process continues the same way."""
-    run = _halves_and_straight(tmp_path, {"distributed_optimizer": True}, 2)
+@pytest.fixture(scope="module")
+def dp2_source(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """DP2 with the distributed optimizer: 10 steps straight, and 5, stop, resume, 5 more."""
+    return _halves_and_straight(tmp_path_factory.mktemp("dp2"), {"distributed_optimizer": True}, 2)
+
+
+def test_exact_resume_dp2_is_bitwise_and_reshards_to_dp1(dp2_source: dict[str, Any], tmp_path: Path) -> None:
+    """DP2: the resumed run has the straight run's bits, and its step-5 checkpoint loaded by
+    one process continues the same way."""
+    run = dp2_source
     _assert_bitwise(run)
     reference = [r for r in run["resumed"] if r["step"] > 5]
     load = {"load": str(run["checkpoint"]), "load_state": "full"}
@@ -249,19 +255,18 @@ def test_missing_ckpt_load_is_an_error_not_random_init(tmp_path: Path) -> None:
     assert code == 2 and "does not exist" in log and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_async_save_commits_the_same_checkpoints(tmp_path: Path) -> None:
+def test_async_save_commits_the_same_checkpoints(dp2_source: dict[str, Any], tmp_path: Path) -> None:
     """Async saves write in the background and commit later; the run ends only after the
-    last commit, and resuming from an async checkpoint is as exact as from a sync one."""
+    last commit, and resuming from an async checkpoint is as exact as from a sync one (the
+    same DP2 run straight, from dp2_source)."""
     from trainer.checkpoint_files import verify
 
-    cfg = _config(parallel={"distributed_optimizer": False}, train={"steps": 8, "exit_interval": 6},
-                  ckpt={"every": 2, "keep": 10, "async_save": True})
+    cfg = _config(train={"exit_interval": 6}, ckpt={"every": 2, "keep": 10, "async_save": True})
     run_trainer(tmp_path / "async", cfg, world_size=2)
     root = tmp_path / "async" / "checkpoints"
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000002", "step_000004", "step_000006"]
     assert (root / "latest").read_text().strip() == "step_000006"
     assert all(verify(p) == [] for p in root.glob("step_*"))
     resumed = run_trainer(tmp_path / "async", cfg, world_size=2)
-    straight = run_trainer(tmp_path / "sync", _config(parallel={"distributed_optimizer": False},
-                                                       train={"steps": 8}), world_size=2)
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert [r["step"] for r in resumed] == list(range(1, 11))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in dp2_source["straight"]]
