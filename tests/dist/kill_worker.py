@@ -12,12 +12,13 @@ test (test_checkpoint_kill.py) asserts on those records (OUT, one JSON line per 
 The trainer's checkpoint writer collects results through a helper process (parallel.
 checkpoint.start_writer_service), which a trainer starts with the spawn method and which
 then imports torch, about 2 s a start. Here each trial gets a fresh helper forked from this
-process instead (torch already imported; the trainer finds it started), and the helper is
-killed together with the trial. The processes that write the files are the trial's own
+process instead (torch already imported; the trainer finds it started), killed right after the trial
+(a killed trial may leave results in it). The processes that write the files are the trial's own
 (forked by each save), in its session, so the kill reaches them at the same moment as
 today's; the helper only passes their results on."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -40,6 +41,10 @@ def _child(config: str, log: Path) -> None:
         from trainer.__main__ import main
 
         code = main([config])
+    except BaseException:  # noqa: BLE001 - said in the trial's log, then the exit below
+        import traceback
+
+        traceback.print_exc()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -59,7 +64,7 @@ def _wait_for_a_commit(latest: Path, pid: int, log: Path, before: str | None, ti
 
 
 def _fresh_writer_service() -> Any:
-    """A helper of its own for the next trial (a killed trial may leave results in it)."""
+    """A helper of its own for the next trial."""
     import multiprocessing
     from multiprocessing.managers import SyncManager
 
@@ -100,12 +105,15 @@ def main(argv: list[str]) -> int:
             pid = os.fork()
             if pid == 0:
                 _child(str(trial_config), log)
-            _wait_for_a_commit(latest, pid, log, before)
-            time.sleep(rng.uniform(0.0, 0.5))
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            helper._process.kill()
-            helper._process.join()
+            try:
+                _wait_for_a_commit(latest, pid, log, before)
+                time.sleep(rng.uniform(0.0, 0.5))
+            finally:  # also when the trial failed: nothing of it outlives this process
+                with contextlib.suppress(ProcessLookupError, ChildProcessError):  # already gone
+                    os.killpg(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                helper._process.kill()
+                helper._process.join()
             text = log.read_text()
             match = re.search(r"continuing at step (\d+)", text)
             name = latest.read_text().strip() if latest.exists() else None
