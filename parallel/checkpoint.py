@@ -222,13 +222,18 @@ def async_calls_queue() -> AsyncCallsQueue:
     return AsyncCallsQueue()
 
 
-def start_writer_service(initializer: Callable[[], None]) -> None:
+def start_writer_service(initializer: Callable[[], None], method: str = "spawn",
+                         replace: bool = False) -> Optional[SyncManager]:
     """Megatron's torch_dist writer collects results through a multiprocessing Manager that
     it starts (spawn) on the first save, about 2-5 s. Start it here instead, calling
     `initializer` in the helper process first (the trainer's makes it ignore stop signals);
-    a no-op once started."""
-    if filesystem_async._results_queue is None:
-        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=initializer)
-        # The queue proxy keeps its manager alive; megatron only looks up the queue.
-        filesystem_async._results_queue = manager.Queue()
+    a no-op once started unless `replace` (a new helper whatever ran before: the kill test
+    forks one per trial, `method="fork"`, torch being imported already). Returns the new
+    helper's manager (None when nothing was started)."""
+    if filesystem_async._results_queue is not None and not replace:
+        return None
+    manager = SyncManager(ctx=multiprocessing.get_context(method))
+    manager.start(initializer=initializer)
+    # The queue proxy keeps its manager alive; megatron only looks up the queue.
+    filesystem_async._results_queue = manager.Queue()
+    return manager

@@ -64,18 +64,11 @@ def _wait_for_a_commit(latest: Path, pid: int, log: Path, before: str | None, ti
 
 
 def _fresh_writer_service() -> Any:
-    """A helper of its own for the next trial."""
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
+    """A helper of its own for the next trial, forked from this process."""
+    from parallel.checkpoint import start_writer_service
     from trainer.signals import ignore_stop_signals
 
-    manager = SyncManager(ctx=multiprocessing.get_context("fork"))
-    manager.start(initializer=ignore_stop_signals)
-    filesystem_async._results_queue = manager.Queue()
-    return manager
+    return start_writer_service(ignore_stop_signals, method="fork", replace=True)
 
 
 def main(argv: list[str]) -> int:

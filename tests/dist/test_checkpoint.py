@@ -4,7 +4,6 @@ The kill-during-save trials live in test_checkpoint_kill.py."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import signal
 import subprocess
