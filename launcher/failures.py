@@ -55,12 +55,16 @@ def failure_line(run_dir: Path) -> str:
 
 # Lines of a failed rank's log shown (a traceback may use up to 3x as many).
 TAIL_LINES = 40
+# Only the log's end is read: a long run's log can be large, its traceback is at the end.
+TAIL_BYTES = 1 << 20
 
 
 def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
     """The traceback of a failed rank if its log has one, else its last lines."""
     try:
-        text = path.read_text(errors="replace").splitlines()
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - TAIL_BYTES))
+            text = f.read().decode(errors="replace").splitlines()
     except OSError:
         return f"(no log at {path})"
     # torch prefixes a rank's lines ("[rank0]: Traceback ..."), so look inside lines.

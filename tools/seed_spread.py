@@ -60,10 +60,11 @@ def spread(evals: list[dict[str, Any]], key: str = "accuracy") -> dict[str, Any]
     if len(base) != 1:
         raise SystemExit(f"seed_spread: the runs have different baselines {sorted(base)}")
     baseline = base.pop()
-    methods = [m for m in evals[0]["models"] if m != baseline and all(m in e["models"] for e in evals)]
     # A model every run shares (the pretrained one: the seed only reaches the steps after SFT)
-    # has no spread to measure; its zero-width interval would read as "significant".
-    methods = [m for m in methods if len({e["models"][m][key] for e in evals}) > 1]
+    # has no spread to measure; its zero-width interval would read as "significant". It is
+    # the one whose whole summary is equal in every run (a trained method may repeat `key`).
+    methods = [m for m in evals[0]["models"] if m != baseline and all(m in e["models"] for e in evals)
+               and len({json.dumps(e["models"][m], sort_keys=True) for e in evals}) > 1]
     families = sorted(set.intersection(*(set(e["by_family"].get(baseline, {})) for e in evals)))
     out: dict[str, Any] = {"baseline": baseline, "key": key, "runs": len(evals),
                            "baseline_value": [e["models"][baseline][key] for e in evals], "methods": {}}

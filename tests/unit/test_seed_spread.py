@@ -10,12 +10,12 @@ import pytest
 from tools import seed_spread
 
 
-def _eval(run: Path, sft: float, ppo: float, fam: dict[str, tuple[float, float]]) -> None:
+def _eval(run: Path, sft: float, ppo: float, fam: dict[str, tuple[float, float]], kl: float = 1.0) -> None:
     """One run's eval.json; "pretrain" is the same in every run (the seed never reached it)."""
     (run / "eval").mkdir(parents=True)
     by_family = {m: {f: {"accuracy": v[i]} for f, v in fam.items()} for i, m in enumerate(("sft", "ppo"))}
     (run / "eval" / "eval.json").write_text(json.dumps({
-        "baseline": "sft", "models": {"sft": {"accuracy": sft}, "ppo": {"accuracy": ppo}, "pretrain": {"accuracy": 0.0}},
+        "baseline": "sft", "models": {"sft": {"accuracy": sft}, "ppo": {"accuracy": ppo, "kl": kl}, "pretrain": {"accuracy": 0.0}},
         "by_family": by_family}))
 
 
@@ -48,6 +48,17 @@ def test_a_spread_that_straddles_zero_is_not_significant(tmp_path: Path) -> None
     assert not result["methods"]["ppo"]["diff"]["significant"]
     assert list(result["methods"]) == ["ppo"]
     assert "not significant" in seed_spread.markdown(result)
+
+
+def test_a_trained_method_with_equal_accuracy_in_every_run_is_kept(tmp_path: Path) -> None:
+    """Only a model whose whole summary repeats (the shared pretrained one) is left out."""
+    runs = []
+    for i, kl in enumerate((1.0, 2.0, 3.0)):
+        _eval(tmp_path / f"s{i}", 0.20, 0.25, {"add": (0.1, 0.1)}, kl=kl)
+        runs.append(tmp_path / f"s{i}")
+    result = seed_spread.spread([seed_spread.load(r) for r in runs])
+    assert list(result["methods"]) == ["ppo"]
+    assert result["methods"]["ppo"]["diff"]["mean"] == pytest.approx(0.05)
 
 
 def test_missing_eval_names_the_file(tmp_path: Path) -> None:
