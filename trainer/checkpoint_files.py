@@ -12,6 +12,7 @@ import re
 import zlib
 from pathlib import Path
 
+from parallel.shard_hash import DIGEST, SIDECAR_SUFFIX, file_digest, read_sidecar
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 MANIFEST = "manifest.json"
@@ -49,6 +50,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def file_crc(path: Path, chunk: int = 1 << 22) -> int:
+    """CRC32 of a file: what manifests recorded before the XXH3 digest (still verified)."""
     crc = 0
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
@@ -57,6 +59,10 @@ def file_crc(path: Path, chunk: int = 1 << 22) -> int:
 
 
 # -- integrity --------------------------------------------------------------------------
+# torch_dist's shard files of a rank, and their digest sidecars (parallel/shard_hash.py).
+_SHARD = re.compile(r"^__(\d+)_\d+\.distcp(" + re.escape(SIDECAR_SUFFIX) + ")?$")
+
+
 def files_of_rank(directory: Path, rank: int, world: int) -> list[Path]:
     """The files this rank checksums: torch_dist writes `__<rank>_<n>.distcp`; the rest
     (metadata, common state, train state) are rank 0's. RNG files belong to their rank."""
@@ -64,7 +70,7 @@ def files_of_rank(directory: Path, rank: int, world: int) -> list[Path]:
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = path.relative_to(directory)
         owner = 0
-        match = re.match(r"^__(\d+)_\d+\.distcp$", path.name) or re.match(r"^rank_(\d+)\.pt$", path.name)
+        match = _SHARD.match(path.name) or re.match(r"^rank_(\d+)\.pt$", path.name)
         if match:
             owner = int(match.group(1)) % world
         if owner == rank and rel.name != MANIFEST:
@@ -73,10 +79,16 @@ def files_of_rank(directory: Path, rank: int, world: int) -> list[Path]:
 
 
 def describe(directory: Path, files: list[Path]) -> dict[str, dict[str, int]]:
+    """Size and digest (XXH3-64) of each file, for the manifest. A shard that the writer
+    hashed while writing it (and fsynced) has a sidecar with both (parallel/shard_hash.py):
+    it is not read again. Any other file is fsynced and read."""
     out = {}
     for path in files:
-        _fsync_file(path)
-        out[str(path.relative_to(directory))] = {"size": path.stat().st_size, "crc32": file_crc(path)}
+        found = read_sidecar(path)
+        if found is None:
+            _fsync_file(path)
+            found = {"size": path.stat().st_size, DIGEST: file_digest(path)}
+        out[str(path.relative_to(directory))] = found
     return out
 
 
@@ -99,7 +111,8 @@ def verify(directory: Path, rank: int = 0, world: int = 1) -> list[str]:
             problems.append(f"{path}: missing")
         elif path.stat().st_size != expected["size"]:
             problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {expected['size']} (truncated?)")
-        elif file_crc(path) != expected["crc32"]:
+        elif (file_digest(path) != expected[DIGEST] if DIGEST in expected
+              else file_crc(path) != expected["crc32"]):
             problems.append(f"{path}: checksum mismatch (corrupt)")
     return problems
 

@@ -9,11 +9,11 @@ Layout: <run.dir>/checkpoints/step_NNNNNN/ holds
                        (shards/ then hold only what trains; trainer/lora_checkpoint.py)
     tokenizer.model    the run's tokenizer (a checkpoint is usable on its own);
                        tokenizer.json for a Hugging Face tokenizer
-    manifest.json      size and CRC32 of every file above, written last
+    manifest.json      size and XXH3-64 digest of every file above, written last
 and <run.dir>/checkpoints/latest names the newest complete one.
 
-Commit protocol: everything is written into `.tmp_step_NNNNNN/`; each rank checksums and
-fsyncs the files it wrote; all ranks agree (a collective) that their part is done; rank 0
+Commit protocol: everything is written into `.tmp_step_NNNNNN/`; each rank describes (size,
+digest; shards hashed while written, parallel/shard_hash.py) the files it wrote; all ranks agree (a collective) that their part is done; rank 0
 writes the manifest, renames the directory into place and then rewrites `latest`
 atomically (temp file, fsync, rename, fsync of the directory). A directory without its
 manifest, or any `.tmp_*` directory, is never loaded.
@@ -113,6 +113,10 @@ def _start_writer_service() -> None:
     start_writer_service(ignore_stop_signals)
 
 
+# Retired checkpoint directories being deleted (Checkpointer._apply_retention).
+TRASH_PREFIX = ".trash_"
+
+
 class Checkpointer:
     """Saves and finds checkpoints of one run; every method is collective (all ranks)."""
 
@@ -124,10 +128,13 @@ class Checkpointer:
         self._queue: Any = None
         self._warm = threading.Thread(target=_start_writer_service, daemon=True)
         self._warm.start()
+        self._deleting: Optional[threading.Thread] = None
+        self._structure: Any = None  # parallel.checkpoint.SaveStructure, made at the first save
         if ctx.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp_step_*"):
-                shutil.rmtree(stale, ignore_errors=True)  # a save killed before its commit
+            # A save killed before its commit, or old checkpoints whose deletion was cut short.
+            for stale in [*self.root.glob(".tmp_step_*"), *self.root.glob(TRASH_PREFIX + "*")]:
+                shutil.rmtree(stale, ignore_errors=True)
         ctx.barrier()
 
     # -- discovery ------------------------------------------------------------------------
@@ -173,8 +180,10 @@ class Checkpointer:
     # -- saving ---------------------------------------------------------------------------
     def save(self, step: int, engines: dict[str, Any], stage_state: dict[str, Any]) -> None:
         """Write and commit the checkpoint of `step` (async: commit when the writes end)."""
-        from parallel.checkpoint import save_engines
+        from parallel.checkpoint import SaveStructure, save_engines
 
+        if self._structure is None:
+            self._structure = SaveStructure()
         self._warm.join()
         self.wait()
         if step == self.last_saved_step or (self.root / step_dir_name(step) / MANIFEST).exists():
@@ -184,7 +193,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "shards").mkdir(parents=True)
         self.ctx.barrier()
-        request = save_engines(engines, tmp / "shards", async_save=bool(self.cfg.async_save))
+        request = save_engines(engines, tmp / "shards", async_save=bool(self.cfg.async_save),
+                               structure=self._structure)
         self._write_states(tmp, step, engines, stage_state)
         commit: Callable[[], None] = lambda: self._commit(tmp, step)
         if request is None:
@@ -238,11 +248,30 @@ class Checkpointer:
         self.ctx.barrier()
 
     def _apply_retention(self, newest: int) -> None:
+        """Retire the checkpoints that ckpt.keep / ckpt.keep_every do not keep: each is renamed
+        out of the step_* namespace at once (an atomic rename: from then on no resume can pick
+        it) and deleted in a background thread, so that freeing the disk (about a quarter of a
+        200 MB save) does not hold up training. A deletion cut short leaves a .trash_* that the
+        next start removes."""
+        self._join_deleting()
         steps = self.complete_steps()
         keep = retained(steps, newest, int(self.cfg.keep), int(self.cfg.keep_every))
+        retired = []
         for step in steps:
             if step not in keep:
-                shutil.rmtree(self.root / step_dir_name(step), ignore_errors=True)
+                trash = self.root / (TRASH_PREFIX + step_dir_name(step))
+                os.replace(self.root / step_dir_name(step), trash)
+                retired.append(trash)
+        if retired:
+            fsync_dir(self.root)
+            self._deleting = threading.Thread(
+                target=lambda: [shutil.rmtree(path, ignore_errors=True) for path in retired], daemon=True)
+            self._deleting.start()
+
+    def _join_deleting(self) -> None:
+        if self._deleting is not None:
+            self._deleting.join()
+            self._deleting = None
 
     def poll(self) -> None:
         """Commit async saves that have finished (non-blocking; collective)."""
@@ -262,6 +291,7 @@ class Checkpointer:
         self._warm.join()
         if clean:
             self.wait()
+        self._join_deleting()
         if self._queue is not None:
             self._queue.close(abort=not clean)
             self._queue = None

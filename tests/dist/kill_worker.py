@@ -13,9 +13,9 @@ The trainer's checkpoint writer collects results through a helper process (paral
 checkpoint.start_writer_service), which a trainer starts with the spawn method and which
 then imports torch, about 2 s a start. Here each trial gets a fresh helper forked from this
 process instead (torch already imported; the trainer finds it started), killed right after the trial
-(a killed trial may leave results in it). The processes that write the files are the trial's own
-(forked by each save), in its session, so the kill reaches them at the same moment as
-today's; the helper only passes their results on."""
+(a killed trial may leave results in it). What writes the files is the trial's own (threads of
+its process for a synchronous save, megatron's forked async caller for an async one), in its
+session, so the kill reaches it at the same moment; the helper only passes results on."""
 from __future__ import annotations
 
 import contextlib

@@ -74,6 +74,10 @@ def tp2pp2_source(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_exact_resume_is_bitwise_tp2pp2(tp2pp2_source: dict[str, Any]) -> None:
     """N steps straight versus N/2, stop, rerun the same command, N/2: identical bits."""
     _assert_bitwise(tp2pp2_source)
+    # Every rank hashed its own shards while writing them: a digest sidecar per shard file.
+    shards = sorted((tp2pp2_source["checkpoint"] / "shards").glob("*.distcp"))
+    assert len({p.name.split("_")[2] for p in shards}) == 4, [p.name for p in shards]
+    assert all(p.with_name(p.name + ".xxh3").is_file() for p in shards)
 
 
 def _logits(run_dir: Path, checkpoint: Path, parallel: dict[str, Any], world: int) -> torch.Tensor:
@@ -266,6 +270,18 @@ def test_async_save_commits_the_same_checkpoints(dp2_source: dict[str, Any], tmp
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000002", "step_000004", "step_000006"]
     assert (root / "latest").read_text().strip() == "step_000006"
     assert all(verify(p) == [] for p in root.glob("step_*"))
+    # Each rank's async writer hashed its shards while writing them (a sidecar per shard).
+    shards = sorted(p.name for p in (root / "step_000006" / "shards").glob("*.distcp"))
+    assert shards and all((root / "step_000006" / "shards" / (name + ".xxh3")).is_file() for name in shards)
     resumed = run_trainer(tmp_path / "async", cfg, world_size=2)
     assert [r["step"] for r in resumed] == list(range(1, 11))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in dp2_source["straight"]]
+
+
+def test_sync_save_writes_in_process_hashes_while_writing_and_retires_in_background(tmp_path: Path) -> None:
+    """tests/dist/save_worker.py: a synchronous save forks nothing (os.fork raises), every
+    shard's digest comes from its sidecar and matches the file, ckpt.keep=1 retires older
+    checkpoints at once and deletes them by close(), and a stale .trash_ goes at start."""
+    found = subprocess.run([sys.executable, "-m", "tests.dist.save_worker", str(tmp_path)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0 and "OK" in found.stdout, found.stdout[-2000:] + found.stderr[-4000:]

@@ -53,6 +53,39 @@ def test_uncommitted_directory_is_refused(checkpoint: Path) -> None:
     assert "never committed" in verify(checkpoint)[0]
 
 
+def test_shard_hashed_while_written_is_not_read_again(tmp_path: Path) -> None:
+    """The writer's HashingWriter digest is the file's; describe() takes a shard's entry from
+    its sidecar when the sizes agree (a planted wrong digest shows the file was not read) and
+    reads the file when they do not."""
+    import torch
+
+    from parallel.shard_hash import DIGEST, HashingWriter, file_digest, write_sidecar
+
+    shard = tmp_path / "shards" / "__0_0.distcp"
+    shard.parent.mkdir()
+    with open(shard, "wb") as raw:
+        stream = HashingWriter(raw)
+        torch.save(torch.arange(1000.0), stream)
+    assert stream.entry == {"size": shard.stat().st_size, DIGEST: file_digest(shard)}
+    write_sidecar(shard, {"size": stream.size, DIGEST: 12345})
+    assert describe(tmp_path, [shard])["shards/__0_0.distcp"] == {"size": stream.size, DIGEST: 12345}
+    write_sidecar(shard, {"size": stream.size + 1, DIGEST: 12345})
+    assert describe(tmp_path, [shard])["shards/__0_0.distcp"] == stream.entry
+
+
+def test_crc32_manifest_from_before_still_verifies(checkpoint: Path) -> None:
+    from trainer.checkpoint_files import file_crc
+
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["files"] = {rel: {"size": entry["size"], "crc32": file_crc(checkpoint / rel)}
+                         for rel, entry in manifest["files"].items()}
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+    assert verify(checkpoint) == []
+    shard = checkpoint / "shards" / "__1_0.distcp"
+    shard.write_bytes(b"y" * 5000)
+    assert verify(checkpoint) == [f"{shard}: checksum mismatch (corrupt)"]
+
+
 def test_ranks_split_the_work(checkpoint: Path) -> None:
     (checkpoint / "train_state.pt").write_bytes(b"STATE")  # same size, other bytes
     found = verify(checkpoint, 0, 2) + verify(checkpoint, 1, 2)
