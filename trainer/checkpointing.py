@@ -130,6 +130,7 @@ class Checkpointer:
         self._warm.start()
         self._deleting: Optional[threading.Thread] = None
         self._structure: Any = None  # parallel.checkpoint.SaveStructure, made at the first save
+        self._config_yaml: Optional[str] = None
         if ctx.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             # A save killed before its commit, or old checkpoints whose deletion was cut short.
@@ -220,7 +221,11 @@ class Checkpointer:
                 "layout": {"world": topo.world_size, "tp": topo.tp, "pp": topo.pp, "dp": topo.dp},
             }
             _torch_save(train_state, tmp / "train_state.pt")
-            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.ctx.cfg, resolve=True))
+            if self._config_yaml is None:
+                # Rendered once per run: a stage sets what it derives (e.g. tokenizer.path) at
+                # its start, and the YAML dump was a fifth of what an async save blocks.
+                self._config_yaml = OmegaConf.to_yaml(self.ctx.cfg, resolve=True)
+            (tmp / "config.yaml").write_text(self._config_yaml)
             records = lora_records_of(engines)
             if records:  # LoRA engines saved only what trains: where their bases are
                 (tmp / LORA_FILE).write_text(json.dumps(records, indent=1, sort_keys=True))
