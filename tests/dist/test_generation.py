@@ -133,3 +133,13 @@ def test_sample_tokens_inverse_cdf_and_greedy() -> None:
     assert sample_tokens(logits, SamplingConfig(temperature=0.0), None).tolist() == [0] * 4
     with pytest.raises(ValueError, match="sampling.top_p=0"):
         check_sampling(SamplingConfig(top_p=0.0))
+
+
+def test_training_after_inference_mode_generation_finds_no_inference_tensors() -> None:
+    """Decode steps run under torch.inference_mode; the RoPE tables megatron memoised during
+    them are dropped when generation ends, and training steps follow (inference_mode_worker)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "tests.dist.inference_mode_worker"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
