@@ -47,7 +47,9 @@ def main() -> None:
             losses = [engine.train_step(batch, step) for _ in range(2)]
         else:
             with megatron_paths(engine.module):
+                assert not any(isinstance(m.__dict__.get("forward"), TP1TrainingLinear) for m in fast_linears)
                 losses = [engine.train_step(batch, step) for _ in range(2)]
+            assert all(isinstance(m.__dict__.get("forward"), TP1TrainingLinear) for m in fast_linears)
         weights = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
         results.append(([(r.loss, r.grad_norm) for r in losses], weights))
     # Training goes through TP1TrainingLinear (addmm, bias folded into the GEMM) instead of

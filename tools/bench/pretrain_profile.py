@@ -3,9 +3,10 @@
     python -m tools.bench.pretrain_profile [--steps 3 --top 15 --threads 1] [pretrain_throughput flags]
 
 Builds both trainers exactly as the throughput benchmark does (same shape, weights, data),
-runs `--warmup` steps of each, then profiles `--steps` steps of each on the same batches and
-prints each one's top ops by self CPU time, and a side-by-side table of the ops either one
-spends most on. Where the throughput ratio says how far apart the two are, this says where.
+runs `--warmup` steps of each, then profiles `--steps` steps of each on the same batches
+(alternating ours, plain, one step at a time) and prints a side-by-side table of the ops
+either one spends most self CPU time on. Where the throughput ratio says how far apart the
+two are, this says where.
 """
 from __future__ import annotations
 
@@ -53,8 +54,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for step in trainers.values():
         for batch in batches[:args.warmup]:
             step(batch)
-    profiled = batches[args.warmup:args.warmup + own.steps]
-    tables = {who: profile_steps(step, profiled) for who, step in trainers.items()}
+    # One profiled step at a time, alternating (as the throughput benchmark alternates its
+    # blocks): a drift of the machine lands on both, not on whichever ran first.
+    tables: dict[str, dict[str, tuple[int, float]]] = {who: {} for who in trainers}
+    for batch in batches[args.warmup:args.warmup + own.steps]:
+        for who, step in trainers.items():
+            for name, (calls, ms) in profile_steps(step, [batch]).items():
+                before = tables[who].get(name, (0, 0.0))
+                tables[who][name] = (before[0] + calls, before[1] + ms)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {own.steps} steps each, "
           f"self CPU time per op (ms)")
     print(side_by_side(tables, own.top))
