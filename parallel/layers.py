@@ -121,6 +121,78 @@ def use_grad_free_linears(module: torch.nn.Module) -> None:
             layer._forward_impl = GradFreeLinear(layer._forward_impl)
 
 
+class TP1TrainingLinear:
+    """`forward` of one of megatron's column/row-parallel linears whose TP group has one rank
+    (set on the instance by `use_tp1_training_linears`). When autograd records the call (a
+    training forward), megatron computes `matmul` in its autograd Function (Python forward
+    and backward, context set-up) and adds the bias as a separate pass: after the Function
+    (row-parallel), or in the caller (skip_bias_add: bias-dropout-add, the MLP's bias before
+    its activation). This computes `F.linear(input, weight, bias)` instead: one addmm, one
+    native autograd node, the bias folded in. At TP=1 every region mapping is the identity,
+    so the maths is the same; the rounding may differ in the last bit (addmm's bias enters
+    the GEMM's accumulation), hence the TP1 training test compares with a tight tolerance.
+    Gradients reach the parameters through ordinary AccumulateGrad, where megatron's DDP
+    hooks copy them into its main_grad buckets, as with megatron's Function (without
+    gradient_accumulation_fusion, which this path is never installed with).
+
+    `fuse_skipped_bias`: the layer returns its bias for the caller to add (skip_bias_add) and
+    the caller accepts None instead (checked by the installer), so the bias is folded in here
+    too. Not recorded by autograd (generation, frozen models), or with a weight of the wrong
+    shape (megatron's forward raises) or CPU offloading, it calls megatron's forward: those
+    results stay bit for bit."""
+
+    def __init__(self, layer: torch.nn.Module, fuse_skipped_bias: bool) -> None:
+        self.original = layer.forward  # the class's bound method
+        self.layer = layer
+        self.fuse_bias = layer.bias is not None and (fuse_skipped_bias or not layer.skip_bias_add)
+
+    def __call__(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                 *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        layer = self.layer
+        own = weight is None
+        w = layer.weight if own else weight  # a tied output layer is given the embedding's
+        recorded = w is not None and torch.is_grad_enabled() and (w.requires_grad or input_.requires_grad)
+        if not recorded or layer.config._cpu_offloading_context is not None \
+                or (not own and tuple(w.shape) != (layer.output_size_per_partition, layer.input_size)):
+            # Row-parallel forward takes the input only; column-parallel also (weight, gather).
+            return self.original(input_, weight, *args, **kwargs) if not own or args \
+                else self.original(input_, **kwargs)
+        if self.fuse_bias:
+            return F.linear(input_, w, layer.bias), None
+        return F.linear(input_, w), layer.bias if layer.skip_bias_add else None
+
+
+def _tp1_training_eligible(layer: torch.nn.Module) -> bool:
+    """The layers `TP1TrainingLinear` computes exactly as megatron would: a one-rank TP group,
+    and none of the features whose work is in megatron's Function (sequence parallelism's
+    gathers, fused weight-gradient accumulation into main_grad, deferred embedding wgrads,
+    expert communication)."""
+    config = layer.config
+    return (layer.tp_group.size() == 1 and not layer.sequence_parallel
+            and not layer.gradient_accumulation_fusion and not config.defer_embedding_wgrad_compute
+            and not getattr(layer, "explicit_expert_comm", False) and not getattr(layer, "is_expert", False))
+
+
+def _accepts_folded_bias(name: str, layer: torch.nn.Module) -> bool:
+    """Whether the caller of a skip_bias_add linear takes None for its bias: the transformer
+    layer's bias-dropout-add (attention's linear_proj, the MLP's linear_fc2 output) does, and
+    the MLP adds linear_fc1's bias before its activation only if there is one, unless a fused
+    bias-activation kernel wants the bias itself."""
+    if name.endswith(("self_attention.linear_proj", "mlp.linear_fc2")):
+        return True
+    return name.endswith("mlp.linear_fc1") and not layer.config.bias_activation_fusion
+
+
+def use_tp1_training_linears(module: torch.nn.Module) -> None:
+    """Give every eligible column/row-parallel linear in `module` the `TP1TrainingLinear`
+    forward (idempotent; layers in a TP group of several ranks keep megatron's)."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear)) \
+                and not isinstance(layer.__dict__.get("forward"), TP1TrainingLinear) \
+                and _tp1_training_eligible(layer):
+            layer.forward = TP1TrainingLinear(layer, _accepts_folded_bias(name, layer))
+
+
 # megatron's TP "region" mappings as its parallel layers call them (names imported into
 # megatron.core.tensor_parallel.layers). With a one-rank TP group each is the identity both
 # ways (forward and backward return their input: megatron's own _reduce/_gather/copy at world
@@ -158,15 +230,20 @@ def skip_tp1_regions() -> None:
 @contextlib.contextmanager
 def megatron_paths(module: torch.nn.Module) -> Any:
     """Within: `module`'s linears and every region mapping take megatron's own paths (the
-    autograd Functions), as before `use_grad_free_linears` / `skip_tp1_regions`. For the
+    autograd Functions), as before `use_grad_free_linears` / `use_tp1_training_linears` /
+    `skip_tp1_regions`. For the
     benchmark's before/after in one run and for the tests that the results are bit for bit
     the same."""
     from megatron.core.tensor_parallel import layers as megatron_layers
 
     linears = [m for m in module.modules() if isinstance(m.__dict__.get("_forward_impl"), GradFreeLinear)]
+    trained = {m: m.__dict__["forward"] for m in module.modules()
+               if isinstance(m.__dict__.get("forward"), TP1TrainingLinear)}
     regions = {name: getattr(megatron_layers, name) for name in _REGIONS}
     for layer in linears:
         layer._forward_impl = layer._forward_impl.original
+    for layer in trained:
+        del layer.forward  # the class's forward again
     for name, current in regions.items():
         setattr(megatron_layers, name, getattr(current, "mapping", current))
     try:
@@ -174,6 +251,8 @@ def megatron_paths(module: torch.nn.Module) -> Any:
     finally:
         for layer in linears:
             layer._forward_impl = GradFreeLinear(layer._forward_impl)
+        for layer, fast in trained.items():
+            layer.forward = fast
         for name, current in regions.items():
             setattr(megatron_layers, name, current)
 

@@ -19,7 +19,8 @@ from megatron.core.transformer import TransformerConfig
 
 from chatforge_config.parallel import LoRAConfig, ModelConfig, ParallelConfig, ffn_size
 from parallel.groups import Topology
-from parallel.layers import CausalMaskElision, gpt_layer_spec, skip_tp1_regions, use_grad_free_linears
+from parallel.layers import (CausalMaskElision, gpt_layer_spec, skip_tp1_regions, use_grad_free_linears,
+                             use_tp1_training_linears)
 from parallel.lora import ADAPTER_NAMES, add_adapters, lora_active
 from parallel.lora import init_full as init_adapter
 
@@ -148,6 +149,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, topo: Topology,
     gpt.register_forward_pre_hook(CausalMaskElision(), with_kwargs=True)
     use_grad_free_linears(gpt)  # generation and frozen models' forwards skip autograd's Python
     skip_tp1_regions()  # TP=1: megatron's identity region mappings skip their autograd nodes
+    use_tp1_training_linears(gpt)  # TP=1 training: one addmm per linear, the bias folded in
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     _mark_tensor_parallel(gpt)

@@ -1,5 +1,6 @@
-"""parallel.layers' grad-free linears and TP=1 region skips change no bit (one rank; the TP>1
-layouts, where they stand aside, are pinned by test_equivalence.py)."""
+"""parallel.layers' grad-free linears and TP=1 region skips change no bit, and its TP=1
+training linears change nothing beyond fp32 rounding (one rank; the TP>1 layouts, where they
+stand aside, are pinned by test_equivalence.py)."""
 from __future__ import annotations
 
 import subprocess
