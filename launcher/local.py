@@ -17,10 +17,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 from launcher.failures import clear_failure, death_line, log_tail, record_failure
 from launcher.watchdog import Stall, Watchdog, process_state
+from launcher.zygote import ENV as ZYGOTE_ENV
+from launcher.zygote import ZygoteRank, is_trainer_command
 from trainer.exitcodes import EXIT_HANG, EXIT_REQUEUE  # torch-free
 
 GRACE_S = 5.0  # between the polite signal and SIGKILL
@@ -130,7 +132,9 @@ def _start_ranks(cmd: list[str], world_size: int, log_dir: Path, env_extra: dict
     around is what Python's docs warn about)."""
     port = free_port()
     preexec = _child_setup()
-    procs: list[subprocess.Popen] = []
+    # A zygote (launcher/zygote.py) forks trainer ranks with torch and megatron imported.
+    zygote = os.environ.get(ZYGOTE_ENV) if is_trainer_command(cmd) else None
+    procs: list[Any] = []  # subprocess.Popen or ZygoteRank
     logs: list[IO[bytes]] = []
     try:
         for rank in range(world_size):
@@ -139,8 +143,13 @@ def _start_ranks(cmd: list[str], world_size: int, log_dir: Path, env_extra: dict
             logs[-1].write(f"=== chatforge: rank {rank} of {world_size} started "
                            f"{time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
             logs[-1].flush()
+            env = rank_env(rank, world_size, port, threads, env_extra)
+            if zygote:
+                procs.append(ZygoteRank(zygote, cmd, env, stdout=None if rank == 0 else logs[-1],
+                                        stderr=None, merge_stderr=rank > 0))
+                continue
             procs.append(subprocess.Popen(
-                cmd, env=rank_env(rank, world_size, port, threads, env_extra),
+                cmd, env=env,
                 stdout=subprocess.PIPE if rank == 0 else logs[-1],
                 stderr=subprocess.PIPE if rank == 0 else subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec,
