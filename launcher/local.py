@@ -145,9 +145,12 @@ def _start_ranks(cmd: list[str], world_size: int, log_dir: Path, env_extra: dict
             logs[-1].flush()
             env = rank_env(rank, world_size, port, threads, env_extra)
             if zygote:
-                procs.append(ZygoteRank(zygote, cmd, env, stdout=None if rank == 0 else logs[-1],
-                                        stderr=None, merge_stderr=rank > 0))
-                continue
+                try:
+                    procs.append(ZygoteRank(zygote, cmd, env, stdout=None if rank == 0 else logs[-1],
+                                            stderr=None, merge_stderr=rank > 0))
+                    continue
+                except OSError:  # no zygote there, or it has another `trainer`: start by exec
+                    zygote = None
             procs.append(subprocess.Popen(
                 cmd, env=env,
                 stdout=subprocess.PIPE if rank == 0 else logs[-1],

@@ -49,6 +49,10 @@ def is_trainer_command(cmd: list[str]) -> bool:
 
 
 # -- the launcher's side ------------------------------------------------------------------
+class ZygoteRefused(OSError):
+    """The zygote is not there or will not start this rank: start it by exec instead."""
+
+
 class ZygoteRank:
     """A rank forked by the zygote at `socket_path`, with subprocess.Popen's interface as
     launcher.local uses it. stdout/stderr: the given file objects (or None to create a pipe
@@ -81,7 +85,8 @@ class ZygoteRank:
         for fd in ours:
             os.close(fd)
         if reply is None or "pid" not in reply:
-            raise OSError(f"zygote at {socket_path} did not start the rank: {reply}")
+            self._sock.close()
+            raise ZygoteRefused(f"zygote at {socket_path} did not start the rank: {reply}")
         self.pid = int(reply["pid"])
         self._buffer = b""
 
@@ -194,6 +199,23 @@ def _become_rank(request: dict[str, Any], fds: list[int], inherited: list[Any]) 
         os._exit(code)
 
 
+def _other_trainer(request: dict[str, Any]) -> str:
+    """Why this zygote must not start the request ('' if it may): `python -m trainer` in the
+    rank's working directory and PYTHONPATH would import another `trainer` package than the
+    one preloaded here (e.g. a test's stand-in); the launcher then starts the rank by exec."""
+    import importlib.machinery
+    from pathlib import Path
+
+    import trainer
+
+    ours = Path(trainer.__file__).resolve().parent
+    first = [request["cwd"], *[p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]]
+    spec = importlib.machinery.PathFinder.find_spec(TRAINER_MODULE, first)
+    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent == ours:
+        return ""
+    return f"`trainer` would be {Path(spec.origin).parent}, this zygote has {ours}"
+
+
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     data, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
     while chunk := conn.recv(_MAX_REQUEST):
@@ -248,6 +270,13 @@ def serve(socket_path: str) -> None:
                 except (OSError, ValueError) as exc:
                     conn.close()
                     print(f"zygote: bad request ({exc})", file=sys.stderr, flush=True)
+                    continue
+                refusal = _other_trainer(request)
+                if refusal:
+                    for fd in fds:
+                        os.close(fd)
+                    conn.sendall(json.dumps({"refused": refusal}).encode() + b"\n")
+                    conn.close()
                     continue
                 settled_r, settled_w = os.pipe()
                 pid = os.fork()

@@ -44,8 +44,8 @@ def test_forked_ranks_train_as_exec_started_ones(zygote: str, tmp_path: Path, mo
     assert "done at step 4" in (tmp_path / "forked" / "logs" / "rank_0.log").read_text()
 
 
-def test_exit_code_and_signal_reach_the_launcher(zygote: str, tmp_path: Path) -> None:
-    from launcher.zygote import ZygoteRank
+def test_exit_code_and_signal_reach_the_launcher(zygote: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.zygote import ZygoteRank, ZygoteRefused
 
     # A trainer that fails (ckpt.load names nothing): its exit code (2) comes back.
     assert spawn_trainer(tmp_path / "bad", {**TINY, "ckpt": {"load": str(tmp_path / "none")}}) == 2
@@ -58,6 +58,15 @@ def test_exit_code_and_signal_reach_the_launcher(zygote: str, tmp_path: Path) ->
     assert rank.poll() is None and os.getpgid(rank.pid) == rank.pid  # running, in a session of its own
     os.killpg(rank.pid, signal.SIGKILL)
     assert rank.wait(timeout=30) == -signal.SIGKILL
+    # A PYTHONPATH whose `trainer` is another package (a test's stand-in) is refused: the
+    # launcher then starts that rank by exec.
+    shadow = tmp_path / "shadow" / "trainer"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)  # as `python -m trainer` puts the working directory first on sys.path
+    with pytest.raises(ZygoteRefused, match="would be"):
+        ZygoteRank(zygote, [sys.executable, "-m", "trainer", str(path)], {**env, "PYTHONPATH": str(shadow.parent)},
+                   stdout=None, stderr=None)
 
 
 def test_ranks_stop_when_their_launcher_dies(zygote: str, tmp_path: Path) -> None:
