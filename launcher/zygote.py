@@ -24,15 +24,20 @@ This module stays torch-free; only the zygote process imports torch (inside `ser
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
-from typing import IO, Any, Optional
+from pathlib import Path
+from typing import IO, Any, Iterator, Optional
 
 ENV = "CHATFORGE_ZYGOTE"  # the socket of a running zygote; unset: ranks are started by exec
 TRAINER_MODULE = "trainer"
@@ -134,7 +139,47 @@ class ZygoteRank:
         return int(self._settle(block=True))  # type: ignore[arg-type]
 
 
+@contextlib.contextmanager
+def started(log: Path) -> Iterator[str]:
+    """A zygote for the duration (a local recipe: a dozen trainer launches), its output in
+    `log`; `CHATFORGE_ZYGOTE` names it meanwhile. Nothing waits for it: until its imports are
+    done its socket does not exist and ranks start by exec. An outer zygote is used as is."""
+    if os.environ.get(ENV):
+        yield os.environ[ENV]
+        return
+    directory = tempfile.mkdtemp(prefix="chatforge-zygote-")
+    sock = os.path.join(directory, "zygote.sock")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "launcher.zygote", sock], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    os.environ[ENV] = sock
+    try:
+        yield sock
+    finally:
+        os.environ.pop(ENV, None)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 # -- the zygote ---------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """SIGTERM to the zygote when the process that started it dies (Linux), so that a killed
+    launcher leaves no zygote behind; the SIGTERM handler then stops its ranks."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
 def _exit_status(status: int) -> int:
     """A wait status as Popen.returncode: the exit code, or -N for a signal N."""
     return os.waitstatus_to_exitcode(status)
@@ -226,6 +271,11 @@ def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
 def serve(socket_path: str) -> None:
     """Run the zygote until it gets SIGTERM/SIGINT: preload, then fork ranks on request."""
     import importlib
+
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        return
 
     for name in _PRELOAD:
         importlib.import_module(name)

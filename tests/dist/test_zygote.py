@@ -110,3 +110,34 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_local_recipe_starts_and_stops_its_own_zygote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """launcher.zygote.started (what `chatforge recipe=...` runs its local steps in): names a
+    zygote in CHATFORGE_ZYGOTE meanwhile, which comes up and takes ranks, and is gone after."""
+    from launcher.zygote import started
+
+    monkeypatch.delenv(ENV, raising=False)
+    with started(tmp_path / "logs" / "zygote.log") as sock:
+        assert os.environ[ENV] == sock
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not os.path.exists(sock):
+            time.sleep(0.2)
+        assert os.path.exists(sock), (tmp_path / "logs" / "zygote.log").read_text()[-2000:]
+        assert spawn_trainer(tmp_path / "run", TINY) == 0
+        zygotes = [p for p in _children() if sock in p]
+        assert zygotes, "the zygote is not running"
+    assert ENV not in os.environ and not os.path.exists(sock)
+    assert not [p for p in _children() if sock in p], "the zygote outlived its recipe"
+
+
+def _children() -> list[str]:
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            found.append(" ".join(proc.cmdline()))
+        except psutil.NoSuchProcess:
+            pass
+    return found
