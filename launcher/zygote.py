@@ -55,7 +55,7 @@ def is_trainer_command(cmd: list[str]) -> bool:
 
 # -- the launcher's side ------------------------------------------------------------------
 class ZygoteRefused(OSError):
-    """The zygote is not there or will not start this rank: start it by exec instead."""
+    """The zygote will not start this rank (another `trainer` package): start it by exec."""
 
 
 class ZygoteRank:
@@ -66,6 +66,7 @@ class ZygoteRank:
     def __init__(self, socket_path: str, cmd: list[str], env: dict[str, str],
                  stdout: Optional[IO[bytes]], stderr: Optional[IO[bytes]], merge_stderr: bool = False) -> None:
         self.returncode: Optional[int] = None
+        self._buffer = b""  # what the zygote sent past the last full line (its status may follow the pid)
         self.stdout: Optional[IO[bytes]] = None
         self.stderr: Optional[IO[bytes]] = None
         ours: list[int] = []  # write ends of our pipes, closed here once the child has them
@@ -93,7 +94,6 @@ class ZygoteRank:
             self._sock.close()
             raise ZygoteRefused(f"zygote at {socket_path} did not start the rank: {reply}")
         self.pid = int(reply["pid"])
-        self._buffer = b""
 
     def _target(self, given: Optional[IO[bytes]], name: str, ours: list[int]) -> int:
         if given is not None:
@@ -104,7 +104,7 @@ class ZygoteRank:
         return write
 
     def _read_line(self, block: bool = True) -> Optional[dict[str, Any]]:
-        data = getattr(self, "_buffer", b"")
+        data = self._buffer
         while b"\n" not in data:
             if not block and not select.select([self._sock], [], [], 0)[0]:
                 self._buffer = data
@@ -180,9 +180,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-def _exit_status(status: int) -> int:
-    """A wait status as Popen.returncode: the exit code, or -N for a signal N."""
-    return os.waitstatus_to_exitcode(status)
 
 
 def _watch_launcher(pid: int) -> None:
@@ -309,7 +306,7 @@ def serve(socket_path: str) -> None:
                 conn = children.pop(pid, None)
                 if conn is not None:
                     try:
-                        conn.sendall(json.dumps({"status": _exit_status(status)}).encode() + b"\n")
+                        conn.sendall(json.dumps({"status": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
                     except OSError:
                         pass  # the launcher went away first
                     conn.close()

@@ -72,7 +72,7 @@ class HashingWriter:
 
 def write_sidecar(path: Path, entry: dict[str, int]) -> None:
     """Record a finished (fsynced) shard's manifest entry next to it, durably."""
-    with open(str(path) + SIDECAR_SUFFIX, "w") as handle:
+    with open(sidecar_of(path), "w") as handle:
         handle.write(json.dumps(entry))
         handle.flush()
         os.fsync(handle.fileno())

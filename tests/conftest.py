@@ -58,44 +58,23 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def trainer_zygote(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """One zygote for the session (launcher/zygote.py): every local launch of `python -m
+    """One zygote for the session (launcher.zygote.started): every local launch of `python -m
     trainer` (run_local, from this process or a `chatforge` subprocess) forks its ranks from
     a process that imported torch and megatron once, instead of importing them again per
     rank (about 6 s of CPU each, most of the suite's time on 2 cores). The exec path stays
     tested: test_zygote.py runs the same job both ways, and commands other than the trainer
-    are always started by exec. A zygote that does not come up leaves the exec path on."""
+    are always started by exec. A zygote that does not come up leaves the exec path on
+    (yields None)."""
     import os
-    import subprocess
     import time
 
-    from launcher.zygote import ENV
+    from launcher.zygote import started
 
-    if os.environ.get(ENV):
-        yield os.environ[ENV]  # an outer one (e.g. a developer's): use it, do not stop it
-        return
-    root = tmp_path_factory.mktemp("zygote")
-    sock, log = root / "zygote.sock", root / "zygote.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "launcher.zygote", str(sock)], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and b"zygote ready" not in log.read_bytes():
-        time.sleep(0.1)
-    if proc.poll() is not None or b"zygote ready" not in log.read_bytes():
-        proc.kill()
-        proc.wait()
-        sys.stderr.write(f"trainer zygote did not start (ranks start by exec): {log.read_text()[-2000:]}\n")
-        yield None
-        return
-    os.environ[ENV] = str(sock)
-    try:
-        yield str(sock)
-    finally:
-        os.environ.pop(ENV, None)
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    log = tmp_path_factory.mktemp("zygote") / "zygote.log"
+    with started(log) as sock:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not os.path.exists(sock):
+            time.sleep(0.1)
+        if not os.path.exists(sock):
+            sys.stderr.write(f"trainer zygote did not start (ranks start by exec): {log.read_text()[-2000:]}\n")
+        yield sock if os.path.exists(sock) else None
