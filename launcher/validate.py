@@ -46,7 +46,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.embedded.prefer": PREFERENCES,
     "data.embedded.eval_tasks": EVAL_TASKS,
     "stage.name": tuple(STAGES),
-    "rm.reduce": ("last", "mean"),
+    "rm.score": ("value", "logprob"),
+    "rm.reduce": ("last", "mean", "sum"),
     "dpo.loss": ("sigmoid", "ipo"),
     "ppo.critic_init": ("reward", "policy"),
     "ppo.advantage_estimator": ADVANTAGE_ESTIMATORS,
@@ -272,9 +273,16 @@ def _check_stage(cfg: DictConfig) -> list[ConfigError]:
     errors = []
     if fmt not in STAGE_DATA[stage]:
         errors.append(ConfigError("data.format", fmt, f"stage={stage} reads one of {', '.join(STAGE_DATA[stage])}"))
-    head = STAGE_HEAD.get(stage, "lm")
+    head, why = STAGE_HEAD.get(stage, "lm"), ""
+    if stage == "rm" and _get(cfg, "rm.score") == "logprob":
+        head, why = "lm", " with rm.score=logprob (the reward is the LM's log-prob of the response)"
     if cfg.model.head != head:
-        errors.append(ConfigError("model.head", cfg.model.head, f"stage={stage} needs model.head={head}"))
+        errors.append(ConfigError("model.head", cfg.model.head, f"stage={stage} needs model.head={head}{why}"))
+    if stage == "rm":
+        score, reduce = _get(cfg, "rm.score"), _get(cfg, "rm.reduce")
+        allowed = {"value": ("last", "mean"), "logprob": ("sum", "mean")}.get(score, ())
+        if allowed and reduce not in allowed:
+            errors.append(ConfigError("rm.reduce", reduce, f"with rm.score={score} must be one of {', '.join(allowed)}"))
     new, seq = _get(cfg, "sampling.max_new_tokens"), _get(cfg, "model.seq_length")
     if stage in SAMPLING_STAGES and isinstance(new, int) and isinstance(seq, int) and new >= seq:
         errors.append(ConfigError("sampling.max_new_tokens", new,
@@ -286,6 +294,7 @@ def _check_stage(cfg: DictConfig) -> list[ConfigError]:
                 errors.append(ConfigError(key, _get(cfg, key), f"stage={stage} needs {what}"))
     ranges = (("dpo.beta", lambda v: v > 0, "must be > 0"),
               ("dpo.label_smoothing", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+              ("rm.beta", lambda v: v > 0, "must be > 0"),
               ("data.embedded.flip", lambda v: 0 <= v < 1, "must be in [0, 1)"),
               ("data.embedded.same_style", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
               ("sampling.temperature", lambda v: v >= 0, "must be >= 0 (0 is greedy)"),

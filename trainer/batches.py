@@ -21,6 +21,17 @@ def lm_inputs(tokens: torch.Tensor, device: torch.device) -> dict[str, torch.Ten
             "attention_mask": causal_mask(s, device)}
 
 
+def response_nll(batch: dict[str, torch.Tensor], model: torch.nn.Module,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of prompt + response (batch["tokens"] [n, S+1], the token-aligned
+    batch["response_mask"]) -> (per-token -log p [n, S] of the labels under the LM, the
+    response label mask [n, S]). Megatron's vocab-parallel cross entropy: any TP."""
+    x = lm_inputs(batch["tokens"], device)
+    per_token = model(x["input_ids"], x["position_ids"], x["attention_mask"], labels=x["labels"])
+    # Label j is token j+1: it is scored iff token j+1 belongs to the response.
+    return per_token, batch["response_mask"][:, 1:].to(device)
+
+
 def packed_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A packed (or padded) chat batch -> model inputs. Positions restart at every
     conversation and the attention mask is block-diagonal causal, so no token attends

@@ -32,6 +32,9 @@ STAGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "sft": ({"stage": {"name": "sft"}}, {"tp": 2}),
     "rm": ({"stage": {"name": "rm"}, "model": {"head": "scalar"}}, {"pp": 2}),
     "dpo": ({"stage": {"name": "dpo"}, "dpo": {"beta": 0.5}}, {"tp": 2}),
+    # The reward read from the LM head (rm.score=logprob): megatron's vocab-parallel loss at TP2.
+    "rm_logprob": ({"stage": {"name": "rm"}, "model": {"head": "lm"}, "rm": {"score": "logprob", "reduce": "sum"}},
+                   {"tp": 2}),
 }
 # Also part of the parallel run: the reference's log-probs computed per step (a frozen
 # engine's forward at the same layout) rather than cached ahead must give the same numbers.
@@ -128,6 +131,27 @@ def reward_model(pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     run = tmp_path_factory.mktemp("rm")
     run_trainer(run, _merge(_config("rm", pretrained), {"train": {"steps": 3, "eval_every": 0}}))
     return run
+
+
+def test_logprob_reward_model_starts_as_the_policy_and_drives_ppo(pretrained: Path, tmp_path: Path) -> None:
+    """rm.score=logprob: before any update its reward is beta * log pi(y | x) of the policy it
+    starts from, so on every pair it prefers what that policy finds likelier (at step 0 the
+    pairwise metrics follow from the log-probs), and halving beta halves every reward. PPO
+    takes it as ppo.reward, with a critic started from it (a fresh scalar head)."""
+    base = _merge(_config("rm_logprob", pretrained), {"train": {"steps": 1, "eval_every": 1, "eval_batches": 2}})
+    first = run_trainer(tmp_path / "rm", base)[0]
+    half = run_trainer(tmp_path / "rm_half", _merge(base, {"rm": {"beta": 0.05}}))[0]
+    assert first["eval_reward_chosen"] < 0 and first["eval_reward_rejected"] < 0  # log-probs
+    for key in ("eval_reward_chosen", "eval_reward_rejected", "eval_margin"):
+        assert half[key] == pytest.approx(first[key] / 2, rel=1e-5), key
+    # The margin is beta times the policy's log-prob difference; its sign decides accuracy.
+    assert first["eval_margin"] == pytest.approx(first["eval_reward_chosen"] - first["eval_reward_rejected"], rel=1e-5)
+    ppo = run_trainer(tmp_path / "ppo", {
+        "logger": "none", "model": MODEL, "stage": {"name": "ppo"}, "ckpt": {"load": str(pretrained)},
+        "ppo": {"reward": str(tmp_path / "rm"), "rollout_batch": 4, "critic_init": "reward"},
+        "sampling": {"max_new_tokens": 6, "batch": 4},
+        "train": {"steps": 1, "global_batch": 4, "micro_batch": 2, "eval_every": 0}})
+    assert ppo[-1]["step"] == 1 and ppo[-1]["reward"] < 0  # beta * a sum of log-probs
 
 
 def test_best_of_n_then_rejection_sampling(pretrained: Path, reward_model: Path, tmp_path: Path) -> None:

@@ -92,6 +92,11 @@ BAD: list[tuple[list[str], str]] = [
     (["stage=dpo", "dpo.beta=0"], "dpo.beta"),
     (["stage=dpo", "dpo.loss=kto"], "dpo.loss"),
     (["stage=rm", "rm.reduce=max"], "rm.reduce"),
+    (["stage=rm", "rm.score=logprob"], "model.head"),  # the logprob reward keeps the LM head
+    (["stage=rm", "rm.score=logprob", "model.head=lm"], "rm.reduce"),  # last: a value-head reduction
+    (["stage=rm", "rm.reduce=sum"], "rm.reduce"),
+    (["stage=rm", "rm.score=logits"], "rm.score"),
+    (["stage=rm", "rm.score=logprob", "model.head=lm", "rm.reduce=sum", "rm.beta=0"], "rm.beta"),
     (["data.overlong=wrap"], "data.overlong"),
     (["data.embedded.flip=1.5"], "data.embedded.flip"),
     (["data.embedded.same_style=-0.5"], "data.embedded.same_style"),

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from parallel.engine import Engine
 from parallel.lora import WithoutAdapters
-from trainer.batches import causal_mask, pair_collate
+from trainer.batches import pair_collate, response_nll
 from trainer.checkpointing import load_weights
 from trainer.data.chat_prepare import prepare_chat_data
 from trainer.data.gpt_dataset import ArrayDataset, SampleLoader
@@ -21,27 +21,16 @@ from trainer.stages.base import SupervisedStage
 Batch = dict[str, torch.Tensor]
 
 
-def pair_logprobs(batch: Batch, model: torch.nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token -log p [n, S] of the labels, the response label mask [n, S])."""
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    n, s = inputs.shape
-    positions = torch.arange(s, device=device).unsqueeze(0).expand(n, s)
-    per_token = model(inputs, positions, causal_mask(s, device), labels=labels)
-    # Label j is token j+1: it is scored iff token j+1 belongs to the response.
-    return per_token, batch["response_mask"][:, 1:].to(device)
-
-
 def reference_step(batch: Batch, model: torch.nn.Module, device: torch.device) -> Any:
     """forward_outputs step: sequence log-probs of every row under the frozen reference."""
-    per_token, mask = pair_logprobs(batch, model, device)
+    per_token, mask = response_nll(batch, model, device)
     return per_token, lambda output: outputs_only(output, logps=sequence_logprobs(output, mask))
 
 
 def dpo_forward(batch: Batch, model: torch.nn.Module, device: torch.device, beta: float,
                 kind: str = "sigmoid", label_smoothing: float = 0.0) -> Any:
     """Megatron forward_step for pairs with batch["ref_logps"] [2n] attached: DPO loss."""
-    per_token, mask = pair_logprobs(batch, model, device)
+    per_token, mask = response_nll(batch, model, device)
     ref = batch["ref_logps"].to(per_token.device)
 
     def loss_fn(output: torch.Tensor) -> Any:

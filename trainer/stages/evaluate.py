@@ -63,7 +63,7 @@ from trainer.losses import outputs_only
 from trainer.rollout import policy_logprobs, sample_responses
 from trainer.runtime import RunContext
 from trainer.stages.best_of_n import RESULTS as BON_RESULTS, SUMMARY as BON_SUMMARY
-from trainer.stages.reward import Scorer, frozen_from, reward_values, rewards_of
+from trainer.stages.reward import Scorer, frozen_from
 
 RESULTS = "eval.json"
 Gold = Callable[[list[Message], str], float]
@@ -235,11 +235,7 @@ class EvalJob:
         batch = pair_collate([{k: v[i] for k, v in arrays.items()} for i in mine])
         seq = batch["tokens"].shape[1] - 1
 
-        def step(b: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
-            values = reward_values(b, model, self.ctx.device)
-            return values, lambda output: outputs_only(output, reward=rewards_of(output, b, scorer.reduce))
-
-        outputs = scorer.engine.forward_outputs(split_rows(batch, 2 * self.micro), step, seq_length=seq)
+        outputs = scorer.engine.forward_outputs(split_rows(batch, 2 * self.micro), scorer.step, seq_length=seq)
         reward = join_outputs(outputs, 2 * len(mine))["reward"]
         right = self._gather([float(x) for x in (reward[0::2] > reward[1::2]).tolist()], n)
         out: dict[str, Any] = {"rm_accuracy": float(np.mean(right)), "rm_pairs": n}

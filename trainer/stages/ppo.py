@@ -146,15 +146,18 @@ class PPOStage(Stage):
         optim = OmegaConf.merge(cfg.optim, {"lr": float(cfg.ppo.critic_lr) or float(cfg.optim.lr)})
         from_reward = str(cfg.ppo.critic_init) == "reward"
         assert self.scorer is not None or not from_reward
-        model = self.scorer.model if self.scorer is not None and from_reward else \
-            OmegaConf.merge(cfg.model, {"head": "scalar"})
+        model = self.scorer.model if self.scorer is not None and from_reward else cfg.model
+        model = OmegaConf.merge(model, {"head": "scalar"})  # a logprob reward model is an LM
         # With LoRA the critic trains adapters and its scalar head too (docs/lora.md).
         critic = Engine(model, cfg.parallel, self.ctx.topo, vocab_size=self.tok.vocab_size, seed=int(cfg.seed),
                         optim=optim, total_steps=total_steps, lora=cfg.lora)
         if (self.ctx.run_dir / "checkpoints" / "latest").is_file():
             return critic  # resuming: the run's own checkpoint holds (or names the base of) the critic
         if from_reward:
-            load_weights(str(cfg.ppo.reward), {"critic": critic}, model, sources={"critic": "model"})
+            # A logprob reward model has no scalar head to start from: a fresh one (as from SFT).
+            fresh = ("output_layer.",) if self.scorer is not None and self.scorer.head.lm_head else ()
+            load_weights(str(cfg.ppo.reward), {"critic": critic}, model, sources={"critic": "model"},
+                         keep_init=fresh)
         else:
             load_weights(str(cfg.ckpt.load), {"critic": critic}, model, sources={"critic": "model"},
                          keep_init=("output_layer.",))

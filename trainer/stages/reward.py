@@ -1,21 +1,22 @@
 """Reward model: the GPT with a scalar head, trained on preference pairs."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from chatforge_config.parallel import ModelConfig
 from parallel.engine import Engine
-from trainer.batches import causal_mask, join_outputs, pair_collate, split_rows
+from trainer.batches import causal_mask, join_outputs, pair_collate, response_nll, split_rows
 from trainer.checkpoint_files import CheckpointError, resolve_load_path
 from trainer.checkpointing import load_weights, source_model
 from trainer.data.chat_prepare import longest_row, prepare_chat_data, response_rows
 from trainer.data.gpt_dataset import ArrayDataset, SampleLoader
 from trainer.data.tokenizer import Tokenizer, tokenizer_of
-from trainer.losses import outputs_only, pairwise_reward_loss, read_reward
+from trainer.losses import outputs_only, pairwise_reward_loss, read_reward, sequence_logprobs
 from trainer.runtime import RunContext
 from trainer.stages.base import SupervisedStage
 
@@ -36,16 +37,47 @@ def rewards_of(values: torch.Tensor, batch: dict[str, torch.Tensor], reduce: str
     return read_reward(values.squeeze(-1).float(), mask, reduce)
 
 
-def rm_forward(batch: dict[str, torch.Tensor], model: torch.nn.Module, device: torch.device,
-               reduce: str = "last", margin: float = 0.0) -> Any:
-    """Megatron forward_step for pairs (rows 2i chosen, 2i+1 rejected): pairwise loss."""
-    values = reward_values(batch, model, device)
+@dataclass(frozen=True)
+class RewardHead:
+    """How a reward model turns a row into its reward (the rm.* keys of the run that trained
+    it): a scalar head's values read by `reduce` (score="value"), or beta times the LM's
+    log-prob of the response, summed or averaged over its tokens (score="logprob")."""
 
-    def loss_fn(output: torch.Tensor) -> Any:
-        rewards = rewards_of(output, batch, reduce)
+    score: str = "value"
+    reduce: str = "last"
+    beta: float = 0.1
+
+    @classmethod
+    def of(cls, rm: Any) -> "RewardHead":
+        return cls(str(OmegaConf.select(rm, "score", default="value")), str(rm.reduce),
+                   float(OmegaConf.select(rm, "beta", default=0.1)))
+
+    @property
+    def lm_head(self) -> bool:
+        return self.score == "logprob"
+
+    def step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module,
+             device: torch.device) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """(the model's output over rows of prompt + response, output -> rewards [n])."""
+        if self.lm_head:
+            per_token, mask = response_nll(batch, model, device)
+            # mean: per response token (SimPO), so a long answer is not a worse one by default.
+            scale = 1.0 / mask.sum(-1).clamp(min=1) if self.reduce == "mean" else 1.0
+            return per_token, lambda out: self.beta * scale * sequence_logprobs(out, mask)
+        values = reward_values(batch, model, device)
+        return values, lambda out: rewards_of(out, batch, self.reduce)
+
+
+def rm_forward(batch: dict[str, torch.Tensor], model: torch.nn.Module, device: torch.device,
+               head: RewardHead = RewardHead(), margin: float = 0.0) -> Any:
+    """Megatron forward_step for pairs (rows 2i chosen, 2i+1 rejected): pairwise loss."""
+    output, to_rewards = head.step(batch, model, device)
+
+    def loss_fn(out: torch.Tensor) -> Any:
+        rewards = to_rewards(out)
         return pairwise_reward_loss(rewards[0::2], rewards[1::2], margin)
 
-    return values, loss_fn
+    return output, loss_fn
 
 
 class RewardModelStage(SupervisedStage):
@@ -57,9 +89,11 @@ class RewardModelStage(SupervisedStage):
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         cfg, topo = ctx.cfg, ctx.topo
-        if str(cfg.model.head) != "scalar":
-            raise ValueError(f"model.head={cfg.model.head}: stage=rm needs model.head=scalar "
-                             "(conf/stage/rm.yaml sets it)")
+        self.head = RewardHead.of(cfg.rm)
+        needs = "lm" if self.head.lm_head else "scalar"
+        if str(cfg.model.head) != needs:
+            raise ValueError(f"model.head={cfg.model.head}: stage=rm with rm.score={self.head.score} needs "
+                             f"model.head={needs}")
         tok_path, train, evals = prepare_chat_data(ctx, "pairs")
         self.train_set = ArrayDataset(train, seed=int(cfg.seed), what="preference pairs")
         self.eval_set = ArrayDataset(evals, seed=int(cfg.seed) + 1, what="held-out preference pairs")
@@ -74,7 +108,7 @@ class RewardModelStage(SupervisedStage):
         return 2 * int(self.cfg.train.global_batch) * int(self.cfg.model.seq_length)
 
     def step_fn(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
-        return rm_forward(batch, model, self.ctx.device, str(self.cfg.rm.reduce), float(self.cfg.rm.margin))
+        return rm_forward(batch, model, self.ctx.device, self.head, float(self.cfg.rm.margin))
 
 
 # ---- a finished reward model, used by other stages ----------------------------------------
@@ -86,17 +120,25 @@ def frozen_from(ctx: RunContext, path: str, model: Any, vocab_size: int) -> Engi
     return engine
 
 
-def reward_model_of(path: str, key: str, tok: Tokenizer) -> tuple[Path, DictConfig]:
-    """(step dir, model config) of the reward model checkpoint that config key `key` names;
-    CheckpointError if it is not a scalar-head model or was trained with another tokenizer."""
+def reward_model_of(path: str, key: str, tok: Tokenizer) -> tuple[Path, DictConfig, RewardHead]:
+    """(step dir, model config, how it scores) of the reward model checkpoint that config key
+    `key` names; CheckpointError if it is no reward model (a scalar head, or an LM trained
+    by stage=rm with rm.score=logprob) or was trained with another tokenizer."""
     directory = resolve_load_path(Path(path))
     model = OmegaConf.merge(OmegaConf.structured(ModelConfig), source_model(directory))
-    if model.head != "scalar":
-        raise CheckpointError(f"{key}={path}: model.head={model.head}, not a reward model")
+    run = OmegaConf.load(directory / "config.yaml") if (directory / "config.yaml").is_file() else OmegaConf.create()
+    rm = OmegaConf.select(run, "rm", default=None)
+    head = RewardHead.of(rm) if rm is not None else RewardHead()
+    is_rm = model.head == "scalar" or (head.lm_head and OmegaConf.select(run, "stage.name", default="") == "rm")
+    if not is_rm:
+        raise CheckpointError(f"{key}={path}: model.head={model.head}, not a reward model (a scalar head, or "
+                              "an LM trained by stage=rm with rm.score=logprob)")
+    if model.head == "scalar" and head.lm_head:
+        head = RewardHead()  # a scalar head reads values whatever the config says
     if tokenizer_of(directory).read_bytes() != Path(tok.path).read_bytes():
         raise CheckpointError(f"{key}={path}: trained with another tokenizer than this run's "
                               f"({tok.path}); its scores would read other token ids")
-    return directory, model
+    return directory, model, head
 
 
 class Scorer:
@@ -105,9 +147,8 @@ class Scorer:
 
     def __init__(self, ctx: RunContext, path: str, tok: Tokenizer, key: str = "best_of_n.reward",
                  micro_batch: int = 0) -> None:
-        directory, self.model = reward_model_of(path, key, tok)
+        directory, self.model, self.head = reward_model_of(path, key, tok)
         self.ctx, self.tok, self.micro_batch = ctx, tok, micro_batch
-        self.reduce = str(OmegaConf.load(directory / "config.yaml").rm.reduce)
         self.engine = frozen_from(ctx, str(directory), self.model, tok.vocab_size)
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
@@ -116,10 +157,11 @@ class Scorer:
         seq = longest_row(prompts, responses, int(self.model.seq_length))
         batch = response_rows(prompts, responses, seq, self.tok.pad_id)
 
-        def step(b: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
-            values = reward_values(b, model, self.ctx.device)
-            return values, lambda output: outputs_only(output, reward=rewards_of(output, b, self.reduce))
-
         chunks = split_rows(batch, self.micro_batch or len(prompts))
-        outputs = self.engine.forward_outputs(chunks, step, seq_length=seq)
+        outputs = self.engine.forward_outputs(chunks, self.step, seq_length=seq)
         return [float(v) for v in join_outputs(outputs, len(prompts))["reward"]]
+
+    def step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> Any:
+        """forward_outputs step: {"reward": [n]} of rows of prompt + response."""
+        output, to_rewards = self.head.step(batch, model, self.ctx.device)
+        return output, lambda out: outputs_only(out, reward=to_rewards(out))
