@@ -257,6 +257,9 @@ def rm_lines(results: dict[str, Any]) -> list[str]:
     pairs = results.get("rm_pairs")
     lines = [f"Reward model accuracy on held-out pairs: {results['rm_accuracy']:.3f}"
              + (f" ({pairs} pairs, clean labels)" if pairs else ""), ""]
+    if "rm_accuracy_unseen" in results:
+        lines[-1:] = [f"On the {results['rm_pairs_unseen']} of them whose prompt is no training prompt (as the "
+                      f"evaluation prompts): {results['rm_accuracy_unseen']:.3f}", ""]
     fams = results.get("rm_accuracy_by_family", {})
     if fams:
         lines += ["| family | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams),

@@ -76,6 +76,8 @@ def test_smoke_recipe_runs_every_stage_resumes_and_reports(tmp_path: Path) -> No
     assert results["models"]["sft"]["accuracy"] <= ceiling["all"] <= 1.0
     assert 0.0 <= results["rm_accuracy"] <= 1.0
     assert set(results["rm_accuracy_by_family"]) <= set(results["families"]) | set(removed["by_family"])
+    # The pairs whose prompt is no training prompt: a part of the held-out pairs.
+    assert 0 < results["rm_pairs_unseen"] <= results["rm_pairs"] and 0.0 <= results["rm_accuracy_unseen"] <= 1.0
     report = (run / "report.md").read_text()
     for name in METHODS:
         assert f"\n| {name} | " in report, name
@@ -96,7 +98,7 @@ def test_smoke_recipe_runs_every_stage_resumes_and_reports(tmp_path: Path) -> No
                   eval={**config["eval"], "report": str(tp2 / "report.md")})
     run_trainer(tp2, config, world_size=2)
     again = json.loads((tp2 / "eval.json").read_text())
-    for key in ("rm_accuracy", "rm_accuracy_by_family", "pass_k", "removed", "models", "by_family", "vs_baseline"):
+    for key in ("rm_accuracy", "rm_accuracy_by_family", "rm_accuracy_unseen", "pass_k", "removed", "models", "by_family", "vs_baseline"):
         assert _numbers(again[key]) == pytest.approx(_numbers(results[key]), rel=1e-4, abs=1e-4), key
 
 

@@ -27,6 +27,7 @@ def test_report_has_the_table_the_plots_and_every_stage(tmp_path: Path) -> None:
     ns = {"diff": -2.5, "lo": -5.0, "hi": 0.5, "n": 32, "significant": False}
     results = {"prompts": 32, "drawn": 40, "removed": {"total": 8, "by_family": {"add": 5, "reverse": 3}},
                "baseline": "sft", "rm_accuracy": 0.8125, "rm_pairs": 64,
+               "rm_accuracy_unseen": 0.625, "rm_pairs_unseen": 24,
                "rm_accuracy_by_family": {"add": {"accuracy": 0.9, "pairs": 30}, "reverse": {"accuracy": 0.75, "pairs": 34}},
                "pass_k": {"k": 8, "model": "sft", "all": 0.75, "by_family": {"add": 0.5, "reverse": 1.0}},
                "bootstrap": {"resamples": 2000, "seed": 1234, "level": 0.95},
@@ -56,6 +57,7 @@ def test_report_has_the_table_the_plots_and_every_stage(tmp_path: Path) -> None:
     assert "| sft | 0.250 | 0.250 | 0.375 | 0.500 | 0.00 | 12.0 | - |" in text
     assert "Oracle pass@8 of sft" in text and "): 0.750" in text
     assert "Reward model accuracy on held-out pairs: 0.812 (64 pairs, clean labels)" in text
+    assert "On the 24 of them whose prompt is no training prompt (as the evaluation prompts): 0.625" in text
     assert "| accuracy | 0.900 | 0.750 |" in text and "| pairs | 30 | 34 |" in text
     # Differences with their intervals; "not significant" where the interval holds 0.
     assert "| ppo | +0.250 [+0.062, +0.438] | -2.5 [-5.0, +0.5] not significant |" in text

@@ -128,6 +128,7 @@ class EvalJob:
         # index[j]: the position among the drawn prompts of evaluated prompt j (best-of-N's key).
         self.index = list(range(len(drawn)))
         self.removed: dict[str, int] = {}
+        self.seen: Optional[set[Any]] = None  # the training prompts, once decontaminated against
         if self.gold is not None and bool(self.cfg.eval.decontaminate):
             self.index, self.removed = self._decontaminate(drawn)
         self.drawn = len(drawn)
@@ -147,7 +148,7 @@ class EvalJob:
         """(positions of the drawn prompts that no training set holds, removed per family)."""
         cfg = self.cfg
         runs = [p for key in ("models", "baseline", "reward", "runs") for p in run_paths(cfg.eval[key])]
-        seen = training_prompt_keys(cfg, runs)
+        seen = self.seen = training_prompt_keys(cfg, runs)
         kept, removed = [], {}
         for i, prompt in enumerate(drawn):
             if prompt_key(prompt) in seen:
@@ -218,15 +219,20 @@ class EvalJob:
 
     def rm_accuracy(self, scorer: Scorer) -> dict[str, Any]:
         """The reward model on held-out pairs: {"rm_accuracy", "rm_pairs"} and, on the embedded
-        world, "rm_accuracy_by_family" ({family: {"accuracy", "pairs"}})."""
+        world, "rm_accuracy_by_family" ({family: {"accuracy", "pairs"}}) and, when the prompts
+        were decontaminated, "rm_accuracy_unseen" / "rm_pairs_unseen" (the pairs whose prompt
+        is no training prompt)."""
         cfg = self.cfg
         families: list[str] = []
+        unseen: list[bool] = []
         if str(cfg.data.format) == "embedded":
             rm_cfg = OmegaConf.merge(cfg, {"model": scorer.model})
             pairs = heldout_pairs(cfg, int(cfg.eval.rm_pairs) or int(cfg.data.embedded.num_prompts))
             pairs = [p for p in pairs if pair_arrays(rm_cfg, self.tok, [p])[0]]  # those that fit
             arrays, _ = pair_arrays(rm_cfg, self.tok, pairs)
             families = [task_family(p.prompt) for p in pairs]
+            if self.seen is not None:
+                unseen = [prompt_key(p.prompt) not in self.seen for p in pairs]
         else:
             with np.load(Path(str(cfg.eval.reward)) / "data" / "pairs_eval.npz") as data:
                 arrays = {k: data[k] for k in data.files}
@@ -239,6 +245,11 @@ class EvalJob:
         reward = join_outputs(outputs, 2 * len(mine))["reward"]
         right = self._gather([float(x) for x in (reward[0::2] > reward[1::2]).tolist()], n)
         out: dict[str, Any] = {"rm_accuracy": float(np.mean(right)), "rm_pairs": n}
+        if any(unseen):
+            # Where the policies are evaluated: pairs whose prompt no stage trained on. The
+            # clean pairs are drawn from the training tasks, so most repeat a training prompt.
+            out["rm_accuracy_unseen"] = float(np.mean([r for r, u in zip(right, unseen) if u]))
+            out["rm_pairs_unseen"] = int(sum(unseen))
         if families:
             out["rm_accuracy_by_family"] = summarize({"accuracy": right}, families)[1]
             for fam, entry in out["rm_accuracy_by_family"].items():
