@@ -8,7 +8,6 @@ launcher never leaves ranks blocked in a collective forever.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -22,7 +21,7 @@ from typing import IO, Any, Callable, Optional
 from launcher.failures import clear_failure, death_line, log_tail, record_failure
 from launcher.watchdog import Stall, Watchdog, process_state
 from launcher.zygote import ENV as ZYGOTE_ENV
-from launcher.zygote import ZygoteRank, is_trainer_command
+from launcher.zygote import ZygoteRank, is_trainer_command, parent_death_signal
 from trainer.exitcodes import EXIT_HANG, EXIT_REQUEUE  # torch-free
 
 GRACE_S = 5.0  # between the polite signal and SIGKILL
@@ -58,21 +57,14 @@ def rank_env(rank: int, world_size: int, port: int, threads: int,
 
 def _child_setup() -> Callable[[], None]:
     """A preexec_fn run in each rank between fork and exec."""
-    prctl = None
-    if sys.platform.startswith("linux"):
-        try:
-            prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork, not after
-        except (OSError, AttributeError):
-            prctl = None
-    pr_set_pdeathsig = 1
+    die_with_launcher = parent_death_signal()
 
     def setup() -> None:
         # A launcher started in the background (nohup, `&` in a script) runs with SIGINT
         # ignored and its children inherit that: the SIGINT we forward would do nothing.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if prctl is not None:
-            prctl(pr_set_pdeathsig, int(signal.SIGTERM))  # the kernel stops us with the launcher
+        die_with_launcher()  # the kernel stops us with the launcher
 
     return setup
 

@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Callable, Iterator, Optional
 
 ENV = "CHATFORGE_ZYGOTE"  # the socket of a running zygote; unset: ranks are started by exec
 TRAINER_MODULE = "trainer"
@@ -169,17 +169,33 @@ def started(log: Path) -> Iterator[str]:
 
 
 # -- the zygote ---------------------------------------------------------------------------
-def _die_with_parent() -> None:
-    """SIGTERM to the zygote when the process that started it dies (Linux), so that a killed
-    launcher leaves no zygote behind; the SIGTERM handler then stops its ranks."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
+
+def parent_death_signal() -> Callable[[], None]:
+    """A function that asks the kernel for SIGTERM to the calling process when its parent
+    dies (Linux PR_SET_PDEATHSIG; a no-op elsewhere). libc's prctl is resolved here, so the
+    function is safe to call between fork and exec (a preexec_fn)."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            prctl = None
+
+    def arm() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+    return arm
+
+
+def _die_with_parent() -> None:
+    """SIGTERM to the zygote when the process that started it dies, so that a killed
+    launcher leaves no zygote behind; the SIGTERM handler then stops its ranks."""
+    parent_death_signal()()
 
 
 def _watch_launcher(pid: int) -> None:

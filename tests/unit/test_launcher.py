@@ -413,3 +413,28 @@ def test_sigint_to_the_launcher_is_forwarded_to_every_rank(tmp_path: Path) -> No
     assert launcher.returncode == 128 + signal.SIGINT
     assert "stopped by SIGINT" in err
     assert not any(_is_alive(pid) for pid in pids)
+
+
+def test_parent_death_signal_stops_a_child_when_its_parent_dies() -> None:
+    """launcher.zygote.parent_death_signal, the preexec_fn part that local ranks started by
+    exec (and the zygote itself) use: a child of a process that exits gets SIGTERM."""
+    script = ("import subprocess, sys; from launcher.zygote import parent_death_signal; "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+              "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=parent_death_signal()); "
+              "print(p.pid, flush=True)")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout.split()[0])
+
+    def alive() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive():
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the child outlived its parent")
