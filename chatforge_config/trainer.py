@@ -268,6 +268,10 @@ class PPOConfig:
     critic_init: str = "reward"
     # The critic's learning rate (0: optim.lr); it shares optim's other settings.
     critic_lr: float = 0.0
+    # The first N iterations train the critic only (the actor stays the SFT policy), so that a
+    # critic with a fresh head predicts something before its advantages move the actor
+    # (OpenRLHF's --freezing_actor_steps). Needs a critic (ppo.advantage_estimator=gae).
+    freeze_actor_steps: int = 0
     # Prompts per iteration over all data-parallel ranks (each sampled n_samples_per_prompt times).
     rollout_batch: int = 16
     # Passes over each rollout, each split into (responses / train.global_batch) minibatches

@@ -27,7 +27,8 @@ RANGES = (("ppo.critic_lr", lambda v: v >= 0, "must be >= 0 (0 is optim.lr)"),
           ("ppo.entropy_coef", lambda v: v >= 0, "must be >= 0"),
           ("ppo.ptx_coef", lambda v: v >= 0, "must be >= 0"),
           ("ppo.missing_eos_penalty", lambda v: v >= 0, "must be >= 0"),
-          ("ppo.reward_clip", lambda v: v >= 0, "must be >= 0 (0 is off)"))
+          ("ppo.reward_clip", lambda v: v >= 0, "must be >= 0 (0 is off)"),
+          ("ppo.freeze_actor_steps", lambda v: v >= 0, "must be >= 0 (0 is off)"))
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -57,6 +58,13 @@ def check_rl(cfg: DictConfig) -> list[ConfigError]:
         errors.append(ConfigError("ppo.clip_high", ppo.clip_high, f"must be >= the lower clip {low} (ppo.clip_low)"))
     if stage == "a2c" and estimator != "gae":
         errors.append(ConfigError("ppo.advantage_estimator", estimator, "stage=a2c is the critic's method: needs gae"))
+    frozen = int(ppo.freeze_actor_steps)
+    if frozen > 0 and estimator != "gae":
+        errors.append(ConfigError("ppo.freeze_actor_steps", frozen, f"trains the critic alone: needs a critic "
+                                  f"(ppo.advantage_estimator=gae, is {estimator})"))
+    if frozen >= int(cfg.train.steps) > 0:
+        errors.append(ConfigError("ppo.freeze_actor_steps", frozen,
+                                  f"must be < train.steps={cfg.train.steps} (else the actor never trains)"))
     if bool(ppo.dynamic_sampling) and group < 2:
         errors.append(ConfigError("ppo.dynamic_sampling", True, "drops groups of equal rewards: needs "
                                   f"ppo.n_samples_per_prompt >= 2 (is {group})"))

@@ -122,6 +122,19 @@ def test_ppo_tp2_and_kill_resume_match_one_uninterrupted_process(sft: Path, rewa
     assert (tmp_path / "killed" / "samples" / "eval_000.jsonl").is_file()
 
 
+def test_freeze_actor_steps_trains_the_critic_alone_first(sft: Path, reward_model: Path, tmp_path: Path) -> None:
+    """ppo.freeze_actor_steps=1: iteration 1 trains only the critic (no policy loss, actor
+    learning rate 0), so iteration 2 still samples from the SFT policy (KL to it exactly 0)
+    while its critic has learned; from then on both train."""
+    records = run_trainer(tmp_path, _config("ppo", sft, reward_model, 3, ppo={"freeze_actor_steps": 1},
+                                            train={"eval_every": 0}))
+    first, second, third = records[-3:]
+    assert [r["step"] for r in (first, second, third)] == [1, 2, 3]
+    assert "policy_loss" not in first and first["lr"] == 0.0 and first["value_loss"] > 0
+    assert second["kl"] == 0.0 and "policy_loss" in second and second["lr"] > 0
+    assert third["kl"] != 0.0  # the actor moved at iteration 2
+
+
 @pytest.mark.parametrize("stage,steps,lr", [("ppo", 10, 1e-4), ("a2c", 15, 3e-4)])
 def test_rl_raises_the_reward_with_bounded_kl(stage: str, steps: int, lr: float, sft: Path, reward_model: Path,
                                               tmp_path: Path) -> None:

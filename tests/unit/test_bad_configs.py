@@ -96,6 +96,10 @@ BAD: list[tuple[list[str], str]] = [
     (["stage=rm", "rm.score=logprob", "model.head=lm"], "rm.reduce"),  # last: a value-head reduction
     (["stage=rm", "rm.reduce=sum"], "rm.reduce"),
     (["stage=rm", "rm.score=logits"], "rm.score"),
+    (["stage=ppo", "ckpt.load={file}", "ppo.reward={file}", "ppo.freeze_actor_steps=-1"], "ppo.freeze_actor_steps"),
+    (["stage=grpo", "ckpt.load={file}", "ppo.reward_funcs=[gold]", "ppo.freeze_actor_steps=2"], "ppo.freeze_actor_steps"),
+    (["stage=ppo", "ckpt.load={file}", "ppo.reward={file}", "train.steps=3", "ppo.freeze_actor_steps=3"],
+     "ppo.freeze_actor_steps"),
     (["stage=rm", "rm.score=logprob", "model.head=lm", "rm.reduce=sum", "rm.beta=0"], "rm.beta"),
     (["data.overlong=wrap"], "data.overlong"),
     (["data.embedded.flip=1.5"], "data.embedded.flip"),

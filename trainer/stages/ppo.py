@@ -315,14 +315,18 @@ class PPOStage(Stage):
         totals: dict[str, float] = {}
         last: Optional[StepResult] = None
         steps = 0
+        # ppo.freeze_actor_steps: the critic learns the SFT policy's values first.
+        train_actor = step >= int(ppo.freeze_actor_steps)  # step counts from 0
         for epoch in range(epochs):
             order = np.random.default_rng(self._seed(2, step, epoch)).permutation(n)
             for k in range(0, n, per_step):
                 microbatches = split_rows(rollout.rows(order[k:k + per_step]), micro)
-                actor_batches = microbatches + self._ptx_microbatches(microbatches, loss)
-                last = self.actor.train_step(actor_batches, lambda b, m: actor_step(
-                    b, m, device, vocab, group, loss), seq_length=rollout.seq_length)
-                values = {**last.metrics, "grad_norm": last.grad_norm}
+                values: dict[str, float] = {}
+                if train_actor:
+                    actor_batches = microbatches + self._ptx_microbatches(microbatches, loss)
+                    last = self.actor.train_step(actor_batches, lambda b, m: actor_step(
+                        b, m, device, vocab, group, loss), seq_length=rollout.seq_length)
+                    values = {**last.metrics, "grad_norm": last.grad_norm}
                 if self.critic is not None:
                     critic = self.critic.train_step(microbatches, lambda b, m: critic_step(b, m, device, clip),
                                                     seq_length=rollout.seq_length)
@@ -330,8 +334,9 @@ class PPOStage(Stage):
                 for key, value in values.items():
                     totals[key] = totals.get(key, 0.0) + value
                 steps += 1
-        assert last is not None
         metrics = {k: v / steps for k, v in totals.items() if k != "grad_norm"}
+        if last is None:  # the actor is frozen this iteration: no actor step, learning rate 0
+            return StepResult(metrics=metrics, grad_norm=0.0, lr=0.0, skipped=False)
         if self.ptx is None:
             metrics.pop("ptx_loss", None)
         if loss.kl_beta == 0:
