@@ -249,6 +249,16 @@ def _become_rank(request: dict[str, Any], fds: list[int], inherited: list[Any]) 
 
         traceback.print_exc()
     finally:
+        # What an interpreter's exit does and os._exit skips: the atexit handlers, among them
+        # multiprocessing's, which stops the Manager server that megatron's checkpoint writer
+        # spawned. Skipped, that server outlives the rank, orphaned, whenever no launcher is
+        # left to kill the rank's group (a killed launcher whose ranks stop on their own).
+        import atexit
+
+        try:
+            atexit._run_exitfuncs()
+        except BaseException:  # noqa: BLE001 - exiting anyway
+            pass
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -321,6 +331,13 @@ def serve(socket_path: str) -> None:
                     break
                 conn = children.pop(pid, None)
                 if conn is not None:
+                    # What the rank started may outlive it in its session (the checkpoint
+                    # writer's Manager server of a rank that died): it goes with the rank,
+                    # as local._stop does for ranks started by exec.
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
                     try:
                         conn.sendall(json.dumps({"status": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
                     except OSError:

@@ -94,6 +94,26 @@ def test_ranks_stop_when_their_launcher_dies(zygote: str, tmp_path: Path) -> Non
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in pids), f"ranks outlived their launcher: {[_state(pid) for pid in pids]}"
+    # Nor did anything they started (each rank leads its own session): the Manager server of
+    # the checkpoint writer is stopped by the rank's exit handlers, as in a rank started by exec.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (left := _in_sessions(pids)):
+        time.sleep(0.2)
+    assert not left, f"processes of the ranks' sessions outlived them: {[_state(p) for p in left]}"
+
+
+def _in_sessions(sessions: list[int]) -> list[int]:
+    """Live processes whose session id is one of `sessions`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _alive(int(entry.name)):
+            try:
+                fields = (entry / "stat").read_text().split(")")[-1].split()
+            except OSError:
+                continue
+            if int(fields[3]) in sessions:  # after the command: state ppid pgrp session
+                found.append(int(entry.name))
+    return found
 
 
 def _state(pid: int) -> str:
