@@ -82,7 +82,7 @@ def rm_forward(batch: dict[str, torch.Tensor], model: torch.nn.Module, device: t
 
 class RewardModelStage(SupervisedStage):
     """From an SFT or pretrained checkpoint (ckpt.load: the LM head is replaced by a
-    zero-initialised scalar head) or from scratch."""
+    zero-initialised scalar head, or kept with rm.score=logprob) or from scratch."""
 
     name = "rm"
 
