@@ -407,15 +407,18 @@ def load_weights(path: str | Path, engines: dict[str, Any], model: Any, sources:
     """Weights of a finished run's checkpoint (a run dir, its checkpoints/ dir or a step dir)
     into engines built with `model` (frozen references, reward models, generation
     policies, a critic); collective. The checkpoint is verified first. `keep_init`: model
-    key prefixes left at their initial values (a scalar head on an LM checkpoint). Returns
-    its step directory."""
+    key prefixes left at their initial values; a scalar head loaded from an LM checkpoint
+    always keeps its own (zero) init. Returns its step directory."""
     directory = resolve_load_path(Path(path))
     problems = gather_lists(verify(directory, *rank_and_world()))
     if problems:
         raise CheckpointError("damaged checkpoint: " + "; ".join(problems[:5]))
-    mismatch = model_mismatch(source_model(directory), model)
+    source = source_model(directory)
+    mismatch = model_mismatch(source, model)
     if mismatch:
         raise CheckpointError(f"{directory}: the checkpoint's model differs: {'; '.join(mismatch)}")
+    if str(model.head) == "scalar" and str(source.get("head", "lm")) != "scalar":
+        keep_init = (*keep_init, "output_layer.")  # an LM's body under a new scalar head (a critic)
     load_checkpoint(engines, directory, with_optimizer=False, sources=sources, keep_init=keep_init)
     return directory
 

@@ -153,14 +153,9 @@ class PPOStage(Stage):
                         optim=optim, total_steps=total_steps, lora=cfg.lora)
         if (self.ctx.run_dir / "checkpoints" / "latest").is_file():
             return critic  # resuming: the run's own checkpoint holds (or names the base of) the critic
-        if from_reward:
-            # A logprob reward model has no scalar head to start from: a fresh one (as from SFT).
-            fresh = ("output_layer.",) if self.scorer is not None and self.scorer.head.lm_head else ()
-            load_weights(str(cfg.ppo.reward), {"critic": critic}, model, sources={"critic": "model"},
-                         keep_init=fresh)
-        else:
-            load_weights(str(cfg.ckpt.load), {"critic": critic}, model, sources={"critic": "model"},
-                         keep_init=("output_layer.",))
+        # From an LM (the SFT policy, or a logprob reward model) the scalar head starts fresh.
+        load_weights(str(cfg.ppo.reward if from_reward else cfg.ckpt.load), {"critic": critic}, model,
+                     sources={"critic": "model"})
         return critic
 
     # -- the Stage interface --------------------------------------------------------------

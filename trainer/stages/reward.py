@@ -133,8 +133,6 @@ def reward_model_of(path: str, key: str, tok: Tokenizer) -> tuple[Path, DictConf
     if not is_rm:
         raise CheckpointError(f"{key}={path}: model.head={model.head}, not a reward model (a scalar head, or "
                               "an LM trained by stage=rm with rm.score=logprob)")
-    if model.head == "scalar" and head.lm_head:
-        head = RewardHead()  # a scalar head reads values whatever the config says
     if tokenizer_of(directory).read_bytes() != Path(tok.path).read_bytes():
         raise CheckpointError(f"{key}={path}: trained with another tokenizer than this run's "
                               f"({tok.path}); its scores would read other token ids")
