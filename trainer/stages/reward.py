@@ -1,4 +1,4 @@
-"""Reward model: the GPT with a scalar head, trained on preference pairs."""
+"""Reward model: the GPT with a scalar head, or its LM head read as beta x log pi(y|x) (rm.score=logprob), trained on preference pairs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
